@@ -1,0 +1,1 @@
+"""Building blocks that main.py composes. Kept light: importing a submodule never pulls in DeepSpeed."""

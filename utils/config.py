@@ -1,0 +1,258 @@
+"""Command line and typed configuration.
+
+The flag names, meanings and defaults are DeepSpeed-Chat step 1's, so existing
+launch scripts keep working. Flags are parsed once into small dataclasses grouped
+by concern; every other module takes the smallest group it needs, never `args`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+
+from utils.errors import UserError
+
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+)
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+class ConfigError(UserError):
+    """A flag value that cannot work; the message names the flag and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    model_name_or_path: str
+    dropout: float | None = None
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    compute_fp32_loss: bool = False
+    add_eot_token: bool = False
+    eot_token: str = "<|endoftext|>"
+
+
+@dataclass
+class DataConfig:
+    data_path: list[str] = field(default_factory=lambda: ["Dahoas/rm-static"])
+    data_split: str = "2,4,4"
+    sft_only_data_path: list[str] = field(default_factory=list)
+    data_output_path: str = ""
+    max_seq_len: int = 512
+    seed: int = 1234
+    eot_token: str = "<|endoftext|>"
+    rebuild_data_cache: bool = False
+
+
+@dataclass
+class LoraConfig:
+    lora_dim: int = 0
+    lora_module_name: str = "decoder.layers."
+    only_optimize_lora: bool = False
+    lora_learning_rate: float = 5e-4
+
+    @property
+    def enabled(self) -> bool:
+        return self.lora_dim > 0
+
+
+@dataclass
+class TrainConfig:
+    per_device_train_batch_size: int = 16
+    per_device_eval_batch_size: int = 16
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    num_train_epochs: int = 1
+    gradient_accumulation_steps: int = 1
+    lr_scheduler_type: str = "cosine"
+    num_warmup_steps: int = 0
+    max_steps: int | None = None
+    seed: int = 1234
+    output_dir: str | None = None
+    print_loss: bool = False
+    dry_run: bool = False
+
+    def steps_per_epoch(self, train_rows: int, world_size: int) -> int:
+        """Optimizer steps in one epoch (a trailing partial accumulation still steps)."""
+        micro_batches = -(-train_rows // (self.per_device_train_batch_size * world_size))
+        return max(1, -(-micro_batches // self.gradient_accumulation_steps))
+
+    def total_steps(self, train_rows: int, world_size: int) -> int:
+        total = self.num_train_epochs * self.steps_per_epoch(train_rows, world_size)
+        return min(total, self.max_steps) if self.max_steps else total
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 0
+    offload: bool = False
+    dtype: str = "auto"
+    enable_tensorboard: bool = False
+    tensorboard_path: str = "step1_tensorboard"
+    deepspeed_config: str | None = None
+    local_rank: int = -1
+
+    def global_batch(self, micro_batch: int, world_size: int, accumulation: int) -> int:
+        return micro_batch * world_size * accumulation
+
+
+@dataclass
+class Config:
+    model: ModelConfig
+    data: DataConfig
+    lora: LoraConfig
+    train: TrainConfig
+    engine: EngineConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Supervised fine-tuning of a causal language model with DeepSpeed "
+        "(DeepSpeed-Chat step 1 compatible command line)."
+    )
+    d = p.add_argument_group("data")
+    d.add_argument("--data_path", nargs="*", default=["Dahoas/rm-static"],
+                   help="Data sets: hub names (e.g. Dahoas/rm-static), 'local/jsonfile', or local "
+                   "files/folders. Several are blended.")
+    d.add_argument("--data_split", type=str, default="2,4,4",
+                   help="Comma-separated weights splitting each data set between the three "
+                   "training phases; SFT uses the first. '10,0,0' uses every row for SFT.")
+    d.add_argument("--sft_only_data_path", nargs="*", default=[],
+                   help="Data sets used only for SFT: not split, every row trains.")
+    d.add_argument("--data_output_path", type=str, default=None,
+                   help="Where the tokenised-data cache lives (default: a per-user cache folder).")
+    d.add_argument("--rebuild_data_cache", action="store_true",
+                   help="Ignore any cached tokenised data and build it again.")
+    d.add_argument("--max_seq_len", type=int, default=512,
+                   help="Longest sequence in tokens; longer examples are truncated.")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--model_name_or_path", type=str, required=True,
+                   help="A hub model name or a local folder with a saved model and tokenizer.")
+    m.add_argument("--trust_remote_code", action="store_true",
+                   help="Allow model code from the model's repository (off by default: it runs code).")
+    m.add_argument("--dropout", type=float, default=None,
+                   help="Override the model's dropout probabilities (default: the model's own).")
+    m.add_argument("--gradient_checkpointing", action="store_true",
+                   help="Recompute activations in the backward pass to save memory.")
+    m.add_argument("--compute_fp32_loss", action="store_true",
+                   help="Compute the loss in fp32 even when training in fp16/bf16.")
+    m.add_argument("--add_eot_token", action="store_true",
+                   help="Add --eot_token to the tokenizer as a special token.")
+    m.add_argument("--eot_token", type=str, default="<|endoftext|>",
+                   help="End-of-conversation token appended to every example.")
+
+    t = p.add_argument_group("training")
+    t.add_argument("--per_device_train_batch_size", type=int, default=16)
+    t.add_argument("--per_device_eval_batch_size", type=int, default=16)
+    t.add_argument("--learning_rate", type=float, default=1e-3,
+                   help="Initial learning rate (after warmup).")
+    t.add_argument("--weight_decay", type=float, default=0.0)
+    t.add_argument("--num_train_epochs", type=int, default=1)
+    t.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    t.add_argument("--lr_scheduler_type", type=str, default="cosine", choices=SCHEDULERS)
+    t.add_argument("--num_warmup_steps", type=int, default=0)
+    t.add_argument("--max_steps", type=int, default=None,
+                   help="Stop after this many optimizer steps (smoke runs).")
+    t.add_argument("--output_dir", type=str, default=None,
+                   help="Where the fine-tuned model is written.")
+    t.add_argument("--seed", type=int, default=1234)
+    t.add_argument("--print_loss", action="store_true", help="Print the loss of every step.")
+    t.add_argument("--dry_run", action="store_true",
+                   help="Validate, build data and model config, print a JSON summary, do not train.")
+
+    lo = p.add_argument_group("LoRA")
+    lo.add_argument("--lora_dim", type=int, default=0, help="LoRA rank; > 0 enables LoRA.")
+    lo.add_argument("--lora_module_name", type=str, default="decoder.layers.",
+                    help="LoRA wraps every linear layer whose qualified name contains this.")
+    lo.add_argument("--only_optimize_lora", action="store_true",
+                    help="Train only the LoRA weights; freeze the rest.")
+    lo.add_argument("--lora_learning_rate", type=float, default=5e-4)
+
+    e = p.add_argument_group("engine")
+    e.add_argument("--local_rank", type=int, default=-1, help="Set by the DeepSpeed launcher.")
+    e.add_argument("--zero_stage", type=int, default=0, help="ZeRO stage: 0, 1, 2 or 3.")
+    e.add_argument("--offload", action="store_true",
+                   help="Offload optimizer states (and parameters at ZeRO-3) to CPU memory.")
+    e.add_argument("--dtype", type=str, default="auto", choices=DTYPES,
+                   help="Training precision; 'auto' picks bf16/fp16 on GPUs and fp32 on CPU.")
+    e.add_argument("--enable_tensorboard", action="store_true")
+    e.add_argument("--tensorboard_path", type=str, default="step1_tensorboard")
+    _add_deepspeed_arguments(p)
+    return p
+
+
+def _add_deepspeed_arguments(parser: argparse.ArgumentParser) -> None:
+    """DeepSpeed's own --deepspeed/--deepspeed_config flags, added by DeepSpeed itself."""
+    import deepspeed
+
+    deepspeed.add_config_arguments(parser)
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    args = build_parser().parse_args(argv)
+    data_output_path = args.data_output_path or default_cache_dir()
+    return Config(
+        model=ModelConfig(
+            model_name_or_path=args.model_name_or_path,
+            dropout=args.dropout,
+            trust_remote_code=args.trust_remote_code,
+            gradient_checkpointing=args.gradient_checkpointing,
+            compute_fp32_loss=args.compute_fp32_loss,
+            add_eot_token=args.add_eot_token,
+            eot_token=args.eot_token,
+        ),
+        data=DataConfig(
+            data_path=list(args.data_path),
+            data_split=args.data_split,
+            sft_only_data_path=list(args.sft_only_data_path),
+            data_output_path=data_output_path,
+            max_seq_len=args.max_seq_len,
+            seed=args.seed,
+            eot_token=args.eot_token,
+            rebuild_data_cache=args.rebuild_data_cache,
+        ),
+        lora=LoraConfig(
+            lora_dim=args.lora_dim,
+            lora_module_name=args.lora_module_name,
+            only_optimize_lora=args.only_optimize_lora,
+            lora_learning_rate=args.lora_learning_rate,
+        ),
+        train=TrainConfig(
+            per_device_train_batch_size=args.per_device_train_batch_size,
+            per_device_eval_batch_size=args.per_device_eval_batch_size,
+            learning_rate=args.learning_rate,
+            weight_decay=args.weight_decay,
+            num_train_epochs=args.num_train_epochs,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            lr_scheduler_type=args.lr_scheduler_type,
+            num_warmup_steps=args.num_warmup_steps,
+            max_steps=args.max_steps,
+            seed=args.seed,
+            output_dir=args.output_dir,
+            print_loss=args.print_loss,
+            dry_run=args.dry_run,
+        ),
+        engine=EngineConfig(
+            zero_stage=args.zero_stage,
+            offload=args.offload,
+            dtype=args.dtype,
+            enable_tensorboard=args.enable_tensorboard,
+            tensorboard_path=args.tensorboard_path,
+            deepspeed_config=args.deepspeed_config,
+            local_rank=args.local_rank,
+        ),
+    )
+
+
+def default_cache_dir() -> str:
+    """Per-user cache (never a world-writable /tmp folder another user could plant files in)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "sft-deepspeed", "data")
