@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny tokenizers and OPT models built in code, never downloaded."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+CORPUS = [
+    " Human: What is the capital of France? Assistant: The capital of France is Paris.",
+    " Human: What is 2 plus 3? Assistant: 2 plus 3 is 5.",
+    " Human: Name a color of the sky. Assistant: The sky is blue.",
+    " Human: Say hello. Assistant: Hello! How can I help you today?",
+    " Human: Translate cat to French. Assistant: Cat in French is chat.",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from utils.tiny import build_tokenizer
+
+    return build_tokenizer(CORPUS, vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved tiny OPT (model + tokenizer) folder, as a user would pass to --model_name_or_path."""
+    from utils.tiny import build_opt_model
+
+    path = tmp_path_factory.mktemp("tiny-opt")
+    build_opt_model(tiny_tokenizer).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
