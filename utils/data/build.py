@@ -1,0 +1,117 @@
+"""build_sft_data: the data chain end to end, behind the tokenised-data cache."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from datasets import Dataset, concatenate_datasets
+from filelock import FileLock
+from transformers import PreTrainedTokenizerBase
+
+from utils.config import DataConfig
+from utils.data.cache import cache_key, load_cached, save_cached
+from utils.data.common import FORMAT_VERSION, DataError, SFTData, SourceStats
+from utils.data.formats import format_rows
+from utils.data.sources import Source, fingerprint_source, load_source, resolve_sources
+from utils.data.split import parse_data_split, partition, resample, shuffled
+from utils.data.tokenize import TRUNCATED, fingerprint_tokenizer, tokenize_rows
+
+TRAIN_ONLY_SPLIT = [9.0, 1.0]  # eval rows for sources without an eval split (DeepSpeed-Chat)
+
+
+def build_sft_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> SFTData:
+    """Phase-1 (SFT) train and eval rows, tokenised; built once and then read from the cache.
+
+    Safe to call from several processes at once: one builds, the others wait and read.
+    """
+    split = parse_data_split(cfg.data_split)
+    sources = resolve_sources(cfg.data_path, cfg.sft_only_data_path)
+    key = cache_key(
+        {
+            "format": FORMAT_VERSION,
+            "sources": [[s.name, fingerprint_source(s), s.weight, s.sft_only] for s in sources],
+            "split": split,
+            "seed": cfg.seed,
+            "max_seq_len": cfg.max_seq_len,
+            "eot_token": cfg.eot_token,
+            "tokenizer": fingerprint_tokenizer(tokenizer),
+        }
+    )
+    folder = os.path.join(cfg.data_output_path, f"sft-{key}")
+    if not cfg.rebuild_data_cache and (cached := load_cached(folder)):
+        return cached
+    os.makedirs(cfg.data_output_path, exist_ok=True)
+    with FileLock(folder + ".lock"):
+        # Another process may have finished the same entry while this one waited.
+        if not cfg.rebuild_data_cache and (cached := load_cached(folder)):
+            return cached
+        with tempfile.TemporaryDirectory(prefix=".build-", dir=cfg.data_output_path) as work:
+            save_cached(build_uncached(sources, split, cfg, tokenizer, work), folder, work)
+    return load_cached(folder)
+
+
+def build_uncached(
+    sources: list[Source],
+    split: list[float],
+    cfg: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    work: str,
+) -> SFTData:
+    trains, evals, stats = [], [], []
+    for i, source in enumerate(sources):
+        raw, formatter = load_source(source, os.path.join(work, "hf"))
+        rows = select_phase1(source, raw, split, cfg.seed)
+        stat = SourceStats(source.name)
+        tokenised = {}
+        for part, part_rows in rows.items():
+            formatted, skipped = format_rows(
+                part_rows, formatter, f"{work}/{i}-{part}-format.arrow"
+            )
+            tokenised[part] = tokenize_rows(
+                formatted,
+                tokenizer,
+                cfg.max_seq_len,
+                cfg.eot_token,
+                f"{work}/{i}-{part}-tokens.arrow",
+                cfg.num_proc,
+            )
+            stat.skipped_rows += skipped
+            stat.truncated_rows += sum(tokenised[part][TRUNCATED])
+        train = tokenised["train"].select(
+            resample(len(tokenised["train"]), source.weight, cfg.seed)
+        )
+        stat.train_rows, stat.eval_rows = len(train), len(tokenised["eval"])
+        stat.train_tokens = sum(len(ids) for ids in train["input_ids"])
+        trains.append(train)
+        evals.append(tokenised["eval"])
+        stats.append(stat)
+    if not any(len(rows) for rows in evals):
+        raise DataError(
+            f"no eval rows: the first --data_split share ({cfg.data_split}) of the eval rows of "
+            f"{[s.name for s in sources]} is empty; raise the first weight or add eval rows"
+        )
+    train = concatenate_datasets(trains)
+    train = train.select(shuffled(len(train), cfg.seed)).remove_columns(TRUNCATED)
+    eval_rows = concatenate_datasets(evals).remove_columns(TRUNCATED)
+    return SFTData(train=train, eval=eval_rows, sources=stats)
+
+
+def select_phase1(
+    source: Source, raw: dict[str, Dataset], split: list[float], seed: int
+) -> dict[str, Dataset]:
+    """The source's SFT share of its train and eval rows (all of them for sft-only sources)."""
+    if "eval" not in raw:
+        rows = raw["train"]
+        raw = {
+            "train": rows.select(partition(len(rows), TRAIN_ONLY_SPLIT, seed, 0)),
+            "eval": rows.select(partition(len(rows), TRAIN_ONLY_SPLIT, seed, 1)),
+        }
+    if not source.sft_only:
+        raw = {k: v.select(partition(len(v), split, seed, 0)) for k, v in raw.items()}
+    if len(raw["train"]) == 0:
+        raise DataError(
+            f"{source.name}: no training rows for SFT (the first --data_split share of its "
+            "train rows is empty); raise the first --data_split weight or add rows"
+        )
+    return raw
