@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 
+import pyarrow.compute as pc
 from datasets import Dataset, concatenate_datasets
 from filelock import FileLock
 from transformers import PreTrainedTokenizerBase
@@ -58,43 +59,52 @@ def build_uncached(
     tokenizer: PreTrainedTokenizerBase,
     work: str,
 ) -> SFTData:
-    trains, evals, stats = [], [], []
-    for i, source in enumerate(sources):
-        raw, formatter = load_source(source, os.path.join(work, "hf"))
-        rows = select_phase1(source, raw, split, cfg.seed)
-        stat = SourceStats(source.name)
-        tokenised = {}
-        for part, part_rows in rows.items():
-            formatted, skipped = format_rows(
-                part_rows, formatter, f"{work}/{i}-{part}-format.arrow"
-            )
-            tokenised[part] = tokenize_rows(
-                formatted,
-                tokenizer,
-                cfg.max_seq_len,
-                cfg.eot_token,
-                f"{work}/{i}-{part}-tokens.arrow",
-                cfg.num_proc,
-            )
-            stat.skipped_rows += skipped
-            stat.truncated_rows += sum(tokenised[part][TRUNCATED])
-        train = tokenised["train"].select(
-            resample(len(tokenised["train"]), source.weight, cfg.seed)
-        )
-        stat.train_rows, stat.eval_rows = len(train), len(tokenised["eval"])
-        stat.train_tokens = sum(len(ids) for ids in train["input_ids"])
-        trains.append(train)
-        evals.append(tokenised["eval"])
-        stats.append(stat)
+    """Every source through load -> phase-1 split -> format -> tokenise, then the blend."""
+    built = [build_source(s, split, cfg, tokenizer, f"{work}/{i}") for i, s in enumerate(sources)]
+    trains, evals, stats = zip(*built, strict=True)
     if not any(len(rows) for rows in evals):
         raise DataError(
             f"no eval rows: the first --data_split share ({cfg.data_split}) of the eval rows of "
             f"{[s.name for s in sources]} is empty; raise the first weight or add eval rows"
         )
-    train = concatenate_datasets(trains)
+    train = concatenate_datasets(list(trains))
     train = train.select(shuffled(len(train), cfg.seed)).remove_columns(TRUNCATED)
-    eval_rows = concatenate_datasets(evals).remove_columns(TRUNCATED)
-    return SFTData(train=train, eval=eval_rows, sources=stats)
+    eval_rows = concatenate_datasets(list(evals)).remove_columns(TRUNCATED)
+    return SFTData(train=train, eval=eval_rows, sources=list(stats))
+
+
+def build_source(
+    source: Source,
+    split: list[float],
+    cfg: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    work: str,
+) -> tuple[Dataset, Dataset, SourceStats]:
+    """One source's tokenised train rows (resampled by its weight), eval rows and statistics.
+
+    skipped_rows and truncated_rows count the source's phase-1 rows (train and eval);
+    train_rows and train_tokens count what trains after resampling.
+    """
+    raw, formatter = load_source(source, f"{work}-hf")
+    stat = SourceStats(source.name)
+    tokenised = {}
+    for part, rows in select_phase1(source, raw, split, cfg.seed).items():
+        formatted, skipped = format_rows(rows, formatter, f"{work}-{part}-format.arrow")
+        tokenised[part] = tokenize_rows(
+            formatted,
+            tokenizer,
+            cfg.max_seq_len,
+            cfg.eot_token,
+            f"{work}-{part}-tokens.arrow",
+            cfg.num_proc,
+        )
+        stat.skipped_rows += skipped
+        stat.truncated_rows += pc.sum(tokenised[part].data.column(TRUNCATED)).as_py() or 0
+    picked = resample(len(tokenised["train"]), source.weight, cfg.seed)
+    lengths = pc.list_value_length(tokenised["train"].data.column("input_ids")).to_numpy()
+    stat.train_rows, stat.eval_rows = len(picked), len(tokenised["eval"])
+    stat.train_tokens = int(lengths[picked].sum())
+    return tokenised["train"].select(picked), tokenised["eval"], stat
 
 
 def select_phase1(
