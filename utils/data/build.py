@@ -26,6 +26,8 @@ def build_sft_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> SFTDa
 
     Safe to call from several processes at once: one builds, the others wait and read.
     """
+    if problems := check_data_config(cfg):
+        raise DataError("\n".join(problems))
     split = parse_data_split(cfg.data_split)
     sources = resolve_sources(cfg.data_path, cfg.sft_only_data_path)
     key = cache_key(
@@ -50,6 +52,24 @@ def build_sft_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> SFTDa
         with tempfile.TemporaryDirectory(prefix=".build-", dir=cfg.data_output_path) as work:
             save_cached(build_uncached(sources, split, cfg, tokenizer, work), folder, work)
     return load_cached(folder)
+
+
+def check_data_config(cfg: DataConfig) -> list[str]:
+    """Every problem with the data flags, without loading any data (for up-front validation)."""
+    problems = []
+    for check in (
+        lambda: parse_data_split(cfg.data_split),
+        lambda: resolve_sources(cfg.data_path, cfg.sft_only_data_path),
+    ):
+        try:
+            check()
+        except DataError as err:
+            problems.append(str(err))
+    if cfg.max_seq_len < 1:
+        problems.append(f"--max_seq_len {cfg.max_seq_len}: must be at least 1, e.g. 512")
+    if cfg.num_proc < 0:
+        problems.append(f"--data_num_proc {cfg.num_proc}: must be 0 (automatic) or more")
+    return problems
 
 
 def build_uncached(

@@ -146,6 +146,7 @@ def format_rows(rows: Dataset, formatter: Formatter, cache_file: str) -> tuple[D
         batched=True,
         remove_columns=rows.column_names,
         cache_file_name=cache_file,
+        load_from_cache_file=False,
         desc="Formatting",
     )
     return formatted, len(rows) - len(formatted)

@@ -10,7 +10,7 @@ from datasets import Dataset, load_dataset
 
 from utils.data.common import DataError
 from utils.data.formats import Formatter, detect_format
-from utils.data.local import fingerprint_path, load_local
+from utils.data.local import BUILDERS, fingerprint_path, load_local
 from utils.data.registry import DATASETS, Adapter
 
 JSONFILE_DIR = "data"  # local/jsonfile reads data/train.json and data/eval.json (DeepSpeed-Chat)
@@ -51,6 +51,8 @@ def resolve_source(spec: str, sft_only: bool = False) -> Source:
         return Source(name, weight, sft_only, DATASETS[name], find_jsonfile_dir())
     if name in DATASETS:
         return Source(name, weight, sft_only, DATASETS[name], None)
+    if looks_like_path(name):
+        raise DataError(f"data path {name!r} does not exist (from --data_path {spec!r})")
     known = "\n  ".join(DATASETS)
     raise DataError(
         f"unknown data set {name!r}: not a local file or folder, nor one of\n  {known}\n"
@@ -73,6 +75,11 @@ def parse_weight(spec: str) -> tuple[str, float]:
     if not math.isfinite(weight) or weight < 0:
         raise DataError(f"data set {spec!r}: weight must be a finite number >= 0, e.g. {name}:0.5")
     return name, weight
+
+
+def looks_like_path(name: str) -> bool:
+    """Hub names are owner/name; anything with a file suffix or a path prefix is a path."""
+    return name.startswith((".", "/", "~")) or os.path.splitext(name)[1].lower() in BUILDERS
 
 
 def adapter_for_path(path: str) -> Adapter | None:

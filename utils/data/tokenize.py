@@ -55,6 +55,7 @@ def tokenize_rows(
         features=FEATURES,
         num_proc=pick_num_proc(len(rows), num_proc),
         cache_file_name=cache_file,
+        load_from_cache_file=False,
         desc="Tokenising",
     )
 
