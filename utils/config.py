@@ -49,6 +49,7 @@ class DataConfig:
     seed: int = 1234
     eot_token: str = "<|endoftext|>"
     rebuild_data_cache: bool = False
+    num_proc: int = 0  # tokenising processes; 0 picks by data size
 
 
 @dataclass
@@ -123,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         default=["Dahoas/rm-static"],
         help="Data sets: hub names (e.g. Dahoas/rm-static), 'local/jsonfile', or local "
-        "files/folders. Several are blended.",
+        "files/folders. Several are blended; NAME:WEIGHT (e.g. Dahoas/rm-static:0.5) "
+        "up- or down-samples one set's training rows.",
     )
     d.add_argument(
         "--data_split",
@@ -148,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--rebuild_data_cache",
         action="store_true",
         help="Ignore any cached tokenised data and build it again.",
+    )
+    d.add_argument(
+        "--data_num_proc",
+        type=int,
+        default=0,
+        help="Processes that tokenise the data (default 0: several only for large data).",
     )
     d.add_argument(
         "--max_seq_len",
@@ -289,6 +297,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
             seed=args.seed,
             eot_token=args.eot_token,
             rebuild_data_cache=args.rebuild_data_cache,
+            num_proc=args.data_num_proc,
         ),
         lora=LoraConfig(
             lora_dim=args.lora_dim,
