@@ -19,6 +19,7 @@ from deepspeed.accelerator import get_accelerator
 from transformers import set_seed
 
 from utils.batching import build_eval_loader, build_train_loader
+from utils.checkpoint import start_run
 from utils.config import Config, parse_args
 from utils.data import SFTData, build_sft_data
 from utils.distributed import DistInfo, init_distributed, print_rank_0, rank_zero_first
@@ -26,9 +27,11 @@ from utils.ds_config import build_ds_config
 from utils.errors import UserError
 from utils.model import build_model, count_parameters, load_tokenizer
 from utils.optim import build_optimizer, build_param_groups, build_scheduler
+from utils.preemption import PREEMPTED_EXIT
 from utils.save import save_hf_model
 from utils.train import evaluate, log_eval, train
 from utils.validate import check_config, resolve_dtype
+from utils.verify import verify_saved_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,10 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.train.dry_run:
             return dry_run(cfg, tokenizer, data, ds_config)
         model = build_model(cfg.model, tokenizer, ds_config)
+        run = start_run(cfg.checkpoint, cfg.train.output_dir, model, ds_config, dist)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     engine, total_steps = build_engine(cfg, model, ds_config, len(data.train), dist)
+    run.resume(engine)
     train_loader = build_train_loader(
         data.train,
         cfg.train.per_device_train_batch_size,
@@ -65,9 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     fp32_loss = cfg.model.compute_fp32_loss
     log_eval(evaluate(engine, eval_loader, dist, fp32_loss), "Epoch 0 (before training)")
-    train(engine, train_loader, eval_loader, cfg.train, dist, total_steps, fp32_loss)
+    train(engine, train_loader, eval_loader, cfg.train, dist, total_steps, fp32_loss, run)
+    if run.preempted:
+        return PREEMPTED_EXIT
     save_hf_model(engine.module, tokenizer, cfg.train.output_dir, cfg.engine.zero_stage)
     print_rank_0(f"saved the fine-tuned model to {cfg.train.output_dir}")
+    verify_saved_model(engine, cfg.train.output_dir, eval_loader, dist, cfg.model.trust_remote_code)
     return 0
 
 

@@ -105,12 +105,20 @@ class EngineConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    save_steps: int = 0  # 0: no periodic or epoch-end checkpoints (preemption still saves)
+    save_total_limit: int | None = None  # None keeps every checkpoint
+    resume_from_checkpoint: str | None = None  # a checkpoint folder, an output folder, or "auto"
+
+
+@dataclass
 class Config:
     model: ModelConfig
     data: DataConfig
     lora: LoraConfig
     train: TrainConfig
     engine: EngineConfig
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,8 +272,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--enable_tensorboard", action="store_true")
     e.add_argument("--tensorboard_path", type=str, default="step1_tensorboard")
+    _add_checkpoint_arguments(p)
     _add_deepspeed_arguments(p)
     return p
+
+
+def _add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    c = parser.add_argument_group("checkpointing")
+    c.add_argument(
+        "--save_steps",
+        type=int,
+        default=0,
+        help="Write a resumable DeepSpeed checkpoint under --output_dir every N optimizer "
+        "steps and at each epoch end (default 0: only when preempted by SIGTERM/SIGUSR1).",
+    )
+    c.add_argument(
+        "--save_total_limit",
+        type=int,
+        default=None,
+        help="Keep only the newest K checkpoints (default: keep all).",
+    )
+    c.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help="Continue a run exactly: a checkpoint folder, or 'auto' for the newest complete "
+        "checkpoint in --output_dir (starts fresh when there is none).",
+    )
 
 
 def _add_deepspeed_arguments(parser: argparse.ArgumentParser) -> None:
@@ -328,6 +361,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
             tensorboard_path=args.tensorboard_path,
             deepspeed_config=args.deepspeed_config,
             local_rank=args.local_rank,
+        ),
+        checkpoint=CheckpointConfig(
+            save_steps=args.save_steps,
+            save_total_limit=args.save_total_limit,
+            resume_from_checkpoint=args.resume_from_checkpoint,
         ),
     )
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from utils.batching import IGNORE_INDEX
+from utils.checkpoint import Checkpointer, DataPosition, skip_batches
 from utils.config import TrainConfig
 from utils.distributed import DistInfo, all_reduce_max, all_reduce_sum, print_rank_0
 
@@ -106,19 +107,26 @@ def train(
     dist: DistInfo,
     total_steps: int,
     fp32_loss: bool,
+    run: Checkpointer,
     log_every: int = 10,
 ) -> list[EvalResult]:
-    """Run the epochs; evaluate after each. Returns the per-epoch eval results."""
+    """Run the epochs from `run.start`; evaluate after each. Returns the per-epoch eval results.
+
+    Returns early, with `run.preempted` set, when a preemption signal stopped the run.
+    """
     results = []
-    for epoch in range(train_cfg.num_train_epochs):
+    for epoch in range(run.start.epoch, train_cfg.num_train_epochs):
+        if engine.global_steps >= total_steps:  # resumed from the run's last checkpoint
+            break
         # A new order every epoch (DeepSpeed-Chat never tells its sampler the epoch).
         train_loader.sampler.set_epoch(epoch)
+        skipped = run.start.micro_batches if epoch == run.start.epoch else 0
         print_rank_0(
             f"Beginning of Epoch {epoch + 1}/{train_cfg.num_train_epochs}, "
             f"Total Micro Batches {len(train_loader)}"
         )
         started, tokens_seen = time.perf_counter(), 0
-        for batch in train_loader:
+        for consumed, batch in enumerate(skip_batches(train_loader, skipped), skipped + 1):
             batch = to_device(batch, dist.device)
             nll, count = forward_nll(engine, batch, fp32_loss)
             loss = nll / max(count, 1)
@@ -133,11 +141,15 @@ def train(
                     f"epoch {epoch + 1} step {step}/{total_steps} loss {loss.item():.4f} "
                     f"lr {engine.get_lr()[0]:.3g} tokens/s/rank {tokens_seen / elapsed:.0f}"
                 )
+            if boundary and run.after_step(engine, DataPosition(epoch, consumed)):
+                return results
             if boundary and step >= total_steps:
                 break
         result = evaluate(engine, eval_loader, dist, fp32_loss)
         log_eval(result, f"Epoch {epoch + 1}/{train_cfg.num_train_epochs}")
         results.append(result)
+        if run.after_epoch(engine, DataPosition(epoch + 1, 0)):
+            return results
         if engine.global_steps >= total_steps:
             break
     return results

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from utils.checkpoint import checkpoint_problems
 from utils.config import Config, ConfigError, ModelConfig
 from utils.model import load_model_config, max_positions
 
@@ -52,6 +53,7 @@ def validate(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]:
     if not t.dry_run:
         problems += _output_dir_problems(t.output_dir)
     problems += _model_problems(cfg.model, d.max_seq_len)
+    problems += checkpoint_problems(cfg.checkpoint)
     return problems
 
 

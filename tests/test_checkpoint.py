@@ -1,0 +1,264 @@
+"""Never lose a run: kill it anywhere, resume it, and get the uninterrupted run's result.
+
+Real `python main.py` runs on CPU in fp32 with a tiny OPT. Resumed runs must match the
+uninterrupted one bit for bit (final weights) and in every logged loss after the resume
+point: the same code on the same CPU with the same thread count is deterministic, so
+any difference is lost state (optimizer moments, LR schedule, data position, RNG).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from utils.checkpoint import LATEST, RUN_STATE, RunShape, check_resumable, published_checkpoints
+from utils.errors import UserError
+from utils.preemption import PREEMPTED_EXIT
+
+REPO = Path(__file__).resolve().parent.parent
+# 32 rows, micro-batch 2, accumulation 2: 8 optimizer steps per epoch, 16 in all.
+TRAIN_FLAGS = [
+    "--data_split", "10,0,0",
+    "--per_device_train_batch_size", "2",
+    "--gradient_accumulation_steps", "2",
+    "--num_train_epochs", "2",
+    "--max_seq_len", "32",
+    "--learning_rate", "3e-3",
+    "--print_loss",
+    "--save_steps", "3",
+    "--save_total_limit", "2",
+]  # fmt: skip
+TOTAL_STEPS = 16
+STEP_LINE = re.compile(r"step (\d+)/\d+ loss (\S+)")
+RESUMED = re.compile(r"resumed from \S*checkpoint-(\d+)")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data")
+    for name, count in (("train", 32), ("eval", 4)):
+        with open(path / f"{name}.jsonl", "w") as f:
+            for i in range(count):
+                row = {
+                    "prompt": f" Human: What is {i} plus {i}?",
+                    "chosen": f" {i} plus {i} is {2 * i}.",
+                }
+                f.write(json.dumps(row) + "\n")
+    return path
+
+
+def main_command(model_dir, data_dir, out, *extra) -> list[str]:
+    return [
+        sys.executable, "main.py",
+        "--model_name_or_path", str(model_dir),
+        "--data_path", str(data_dir),
+        "--data_output_path", str(Path(data_dir).parent / "cache"),
+        "--output_dir", str(out),
+        *TRAIN_FLAGS, *extra,
+    ]  # fmt: skip
+
+
+def run_env(**extra: str) -> dict[str, str]:
+    # One thread: the same kernels in every run, so fp32 results are reproducible bit for bit.
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+def run_to_end(command: list[str], **env: str) -> str:
+    done = subprocess.run(
+        command, cwd=REPO, env=run_env(**env), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def start(command: list[str], **env: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=run_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: signals reach the whole tree
+    )
+
+
+def read_until(proc: subprocess.Popen, pattern: str) -> str:
+    """Stdout up to and including the first line matching `pattern`."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if re.search(pattern, line):
+            return "".join(seen)
+    proc.wait()
+    raise AssertionError(f"the run ended without printing {pattern!r}:\n{''.join(seen)[-3000:]}")
+
+
+def losses(log: str) -> dict[int, str]:
+    return {int(step): loss for step, loss in STEP_LINE.findall(log)}
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "model.safetensors")
+
+
+def assert_same_run(resumed_log: str, out: Path, baseline: dict) -> int:
+    """The resumed run continued from its checkpoint exactly as the uninterrupted run did."""
+    resumed_at = int(RESUMED.search(resumed_log).group(1))
+    after = losses(resumed_log)
+    assert sorted(after) == list(range(resumed_at + 1, TOTAL_STEPS + 1))
+    assert after == {s: baseline["losses"][s] for s in after}
+    final = weights(out)
+    assert final.keys() == baseline["weights"].keys()
+    for name, tensor in final.items():
+        assert torch.equal(tensor, baseline["weights"][name]), name
+    return resumed_at
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, tiny_model_dir, data_dir) -> dict:
+    """One uninterrupted run (saving every 3 steps, keeping 2)."""
+    out = tmp_path_factory.mktemp("baseline")
+    log = run_to_end(main_command(tiny_model_dir, data_dir, out))
+    return {"losses": losses(log), "weights": weights(out), "out": out, "log": log}
+
+
+def test_an_uninterrupted_run_keeps_only_the_newest_checkpoints(baseline):
+    assert sorted(baseline["losses"]) == list(range(1, TOTAL_STEPS + 1))
+    out = baseline["out"]
+    # Saves at steps 3, 6, 8 (epoch end), 9, 12, 15, 16 (epoch end); --save_total_limit 2.
+    assert [step for step, _ in published_checkpoints(out)] == [15, 16]
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == [
+        "checkpoint-15",
+        "checkpoint-16",
+    ]
+    assert (out / LATEST).read_text() == "checkpoint-16"
+    assert "verified" in baseline["log"]  # the final folder reloads to the trained logits
+
+
+def test_kill_9_at_a_random_step_then_resume_matches_the_uninterrupted_run(
+    tmp_path, tiny_model_dir, data_dir, baseline
+):
+    kill_after = random.randint(4, TOTAL_STEPS - 2)
+    out = tmp_path / "out"
+    command = main_command(tiny_model_dir, data_dir, out)
+    proc = start(command)
+    read_until(proc, rf"step {kill_after}/")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    last_saved = published_checkpoints(out)[-1][0]
+    assert last_saved <= kill_after
+
+    log = run_to_end([*command, "--resume_from_checkpoint", "auto"])
+    assert assert_same_run(log, out, baseline) == last_saved, f"killed after step {kill_after}"
+
+
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint_to_resume(
+    tmp_path, tiny_model_dir, data_dir, baseline
+):
+    out = tmp_path / "out"
+    command = main_command(tiny_model_dir, data_dir, out)
+    proc = start(command, SFT_TEST_SLOW_SAVE_STEP="6")  # the step-6 save stalls unpublished
+    read_until(proc, r"saved checkpoint \S*checkpoint-3")
+    while not (out / ".tmp-checkpoint-6").is_dir():
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (out / LATEST).read_text() == "checkpoint-3"
+    assert [step for step, _ in published_checkpoints(out)] == [3]
+
+    log = run_to_end([*command, "--resume_from_checkpoint", "auto"])
+    assert assert_same_run(log, out, baseline) == 3
+    assert not (out / ".tmp-checkpoint-6").exists()  # the killed save is cleaned up
+
+
+def test_sigterm_checkpoints_exits_75_and_the_same_command_continues(
+    tmp_path, tiny_model_dir, data_dir, baseline
+):
+    out = tmp_path / "out"
+    command = [*main_command(tiny_model_dir, data_dir, out), "--resume_from_checkpoint", "auto"]
+    proc = start(command)
+    read_until(proc, r"step 4/")
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT, log[-3000:]
+    assert "stopping on SIGTERM" in log
+    stopped_at = max(losses(log))
+    assert (out / LATEST).read_text() == f"checkpoint-{stopped_at}"
+    assert not (out / "model.safetensors").exists()  # preempted: no final model yet
+
+    log = run_to_end(command)
+    assert assert_same_run(log, out, baseline) == stopped_at
+
+
+@pytest.fixture
+def saved_checkpoint(baseline, tmp_path) -> tuple[Path, RunShape]:
+    """A copy of the baseline's newest checkpoint and the shape of the run that wrote it."""
+    path = tmp_path / "checkpoint-16"
+    shutil.copytree(baseline["out"] / "checkpoint-16", path)
+    state = json.loads((path / RUN_STATE).read_text())
+    return path, RunShape(**state["shape"])
+
+
+def test_resuming_with_another_model_shape_is_refused(saved_checkpoint):
+    path, shape = saved_checkpoint
+    name = next(iter(shape.param_shapes))
+    other = {
+        **shape.param_shapes,
+        name: [shape.param_shapes[name][0] + 8, *shape.param_shapes[name][1:]],
+    }
+    with pytest.raises(
+        UserError, match=rf"different model: {re.escape(name)} is .*--model_name_or_path"
+    ):
+        check_resumable(str(path), RunShape(shape.world_size, shape.zero_stage, other))
+
+
+def test_resuming_at_another_zero_stage_is_refused(saved_checkpoint):
+    path, shape = saved_checkpoint
+    with pytest.raises(
+        UserError, match=r"ZeRO stage 0, this run uses stage 3.*--zero_stage 0.*ds_to_universal"
+    ):
+        check_resumable(str(path), RunShape(shape.world_size, 3, shape.param_shapes))
+
+
+def test_resuming_with_another_world_size_is_refused(saved_checkpoint):
+    path, shape = saved_checkpoint
+    with pytest.raises(
+        UserError, match=r"written by 1 ranks, this run has 4.*--num_gpus 1.*ds_to_universal"
+    ):
+        check_resumable(str(path), RunShape(4, shape.zero_stage, shape.param_shapes))
+
+
+def test_a_checkpoint_missing_a_rank_file_is_refused(saved_checkpoint):
+    path, shape = saved_checkpoint
+    (path / "mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(UserError, match=r"incomplete: mp_rank_00_model_states.pt missing"):
+        check_resumable(str(path), shape)
+
+
+def test_an_unpublished_checkpoint_is_refused_on_the_command_line(
+    tmp_path, tiny_model_dir, data_dir, saved_checkpoint
+):
+    path, _ = saved_checkpoint
+    (path / RUN_STATE).unlink()  # what a save killed before publishing leaves
+    done = subprocess.run(
+        [*main_command(tiny_model_dir, data_dir, tmp_path / "out"), "--resume_from_checkpoint", str(path)],
+        cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert (
+        f"error: --resume_from_checkpoint {str(path)!r} is neither a complete checkpoint"
+        in done.stderr
+    )
