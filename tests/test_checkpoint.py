@@ -15,103 +15,33 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from checkpoint_runs import (
+    REPO,
+    RESUMED,
+    TOTAL_STEPS,
+    losses,
+    main_command,
+    read_until,
+    run_env,
+    run_to_end,
+    start,
+    weights,
+    write_data,
+)
 
 from utils.checkpoint import LATEST, RUN_STATE, RunShape, check_resumable, published_checkpoints
 from utils.errors import UserError
 from utils.preemption import PREEMPTED_EXIT
 
-REPO = Path(__file__).resolve().parent.parent
-# 32 rows, micro-batch 2, accumulation 2: 8 optimizer steps per epoch, 16 in all.
-TRAIN_FLAGS = [
-    "--data_split", "10,0,0",
-    "--per_device_train_batch_size", "2",
-    "--gradient_accumulation_steps", "2",
-    "--num_train_epochs", "2",
-    "--max_seq_len", "32",
-    "--learning_rate", "3e-3",
-    "--print_loss",
-    "--save_steps", "3",
-    "--save_total_limit", "2",
-]  # fmt: skip
-TOTAL_STEPS = 16
-STEP_LINE = re.compile(r"step (\d+)/\d+ loss (\S+)")
-RESUMED = re.compile(r"resumed from \S*checkpoint-(\d+)")
-
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data")
-    for name, count in (("train", 32), ("eval", 4)):
-        with open(path / f"{name}.jsonl", "w") as f:
-            for i in range(count):
-                row = {
-                    "prompt": f" Human: What is {i} plus {i}?",
-                    "chosen": f" {i} plus {i} is {2 * i}.",
-                }
-                f.write(json.dumps(row) + "\n")
-    return path
-
-
-def main_command(model_dir, data_dir, out, *extra) -> list[str]:
-    return [
-        sys.executable, "main.py",
-        "--model_name_or_path", str(model_dir),
-        "--data_path", str(data_dir),
-        "--data_output_path", str(Path(data_dir).parent / "cache"),
-        "--output_dir", str(out),
-        *TRAIN_FLAGS, *extra,
-    ]  # fmt: skip
-
-
-def run_env(**extra: str) -> dict[str, str]:
-    # One thread: the same kernels in every run, so fp32 results are reproducible bit for bit.
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
-
-
-def run_to_end(command: list[str], **env: str) -> str:
-    done = subprocess.run(
-        command, cwd=REPO, env=run_env(**env), capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
-
-
-def start(command: list[str], **env: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        command,
-        cwd=REPO,
-        env=run_env(**env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group: signals reach the whole tree
-    )
-
-
-def read_until(proc: subprocess.Popen, pattern: str) -> str:
-    """Stdout up to and including the first line matching `pattern`."""
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if re.search(pattern, line):
-            return "".join(seen)
-    proc.wait()
-    raise AssertionError(f"the run ended without printing {pattern!r}:\n{''.join(seen)[-3000:]}")
-
-
-def losses(log: str) -> dict[int, str]:
-    return {int(step): loss for step, loss in STEP_LINE.findall(log)}
-
-
-def weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(out / "model.safetensors")
+    return write_data(tmp_path_factory.mktemp("data"))
 
 
 def assert_same_run(resumed_log: str, out: Path, baseline: dict) -> int:
