@@ -34,9 +34,17 @@ from checkpoint_runs import (
     write_data,
 )
 
-from utils.checkpoint import LATEST, RUN_STATE, RunShape, check_resumable, published_checkpoints
+from utils import preemption
+from utils.checkpoint import (
+    LATEST,
+    RUN_STATE,
+    RunShape,
+    check_resumable,
+    published_checkpoints,
+    skip_batches,
+)
 from utils.errors import UserError
-from utils.preemption import PREEMPTED_EXIT
+from utils.preemption import PREEMPTED_EXIT, install_preemption_handlers, stop_requested
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +200,66 @@ def test_an_unpublished_checkpoint_is_refused_on_the_command_line(
         f"error: --resume_from_checkpoint {str(path)!r} is neither a complete checkpoint"
         in done.stderr
     )
+
+
+def test_skipping_consumed_batches_continues_the_epochs_order(tiny_tokenizer):
+    from datasets import Dataset
+
+    from utils.batching import build_train_loader
+
+    rows = Dataset.from_list([{"input_ids": [5, i], "prompt_len": 1} for i in range(20)])
+    loader = build_train_loader(rows, 3, tiny_tokenizer.pad_token_id, seed=7, rank=1, world_size=2)
+    loader.sampler.set_epoch(4)
+    full = [b["input_ids"].tolist() for b in loader]
+    rest = [b["input_ids"].tolist() for b in skip_batches(loader, 2)]
+    assert rest == full[2:]
+
+
+def test_sigusr1_and_sigterm_request_a_checkpoint_and_stop():
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        install_preemption_handlers()
+        assert stop_requested(torch.device("cpu")) is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)  # the process survives: only a request
+        assert stop_requested(torch.device("cpu")) == "SIGUSR1"
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        preemption._requested.clear()
+
+
+class Engine(torch.nn.Module):
+    """The parts of a DeepSpeed engine verification uses: forward and `.module`."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = model
+
+    def forward(self, **inputs):
+        return self.module(**inputs)
+
+
+def test_a_saved_folder_that_does_not_reproduce_the_model_is_an_error(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from utils.distributed import DistInfo
+    from utils.verify import SavedModelMismatch, verify_saved_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    eval_batches = [
+        {
+            "input_ids": torch.tensor([[2, 40, 41, 42]]),
+            "attention_mask": torch.ones(1, 4, dtype=torch.long),
+        }
+    ]
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    verify_saved_model(Engine(model), str(tiny_model_dir), eval_batches, dist, False)
+
+    with torch.no_grad():  # what an ungathered ZeRO-3 save looks like: empty weights
+        for param in model.parameters():
+            param.zero_()
+    model.save_pretrained(tmp_path)
+    trained = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(SavedModelMismatch, match="does not reproduce the trained model"):
+        verify_saved_model(Engine(trained), str(tmp_path), eval_batches, dist, False)

@@ -35,7 +35,7 @@ def install_preemption_handlers() -> None:
 
 def stop_requested(device: torch.device) -> str | None:
     """The signal's name if any rank has been asked to stop (a collective: every rank calls it)."""
-    if torch.distributed.get_world_size() == 1:
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return _requested[0] if _requested else None  # no device round trip per step
     # One tiny all-reduce per optimizer step, so every rank stops after the same step.
     if not all_reduce_max(1 if _requested else 0, device):
