@@ -75,14 +75,17 @@ def baseline(tmp_path_factory, tiny_model_dir, data_dir) -> dict:
 
 def test_an_uninterrupted_run_keeps_only_the_newest_checkpoints(baseline):
     assert sorted(baseline["losses"]) == list(range(1, TOTAL_STEPS + 1))
+    # Every 3 steps and at the end of training; not at the end of epoch 1, which falls in
+    # the middle of step 9's accumulation (those gradients would be in no checkpoint).
+    saved = re.findall(r"saved checkpoint \S*checkpoint-(\d+)", baseline["log"])
+    assert [int(step) for step in saved] == [3, 6, 9, 12, 15, 17]
     out = baseline["out"]
-    # Saves at steps 3, 6, 8 (epoch end), 9, 12, 15, 16 (epoch end); --save_total_limit 2.
-    assert [step for step, _ in published_checkpoints(out)] == [15, 16]
+    assert [step for step, _ in published_checkpoints(out)] == [15, 17]  # --save_total_limit 2
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == [
         "checkpoint-15",
-        "checkpoint-16",
+        "checkpoint-17",
     ]
-    assert (out / LATEST).read_text() == "checkpoint-16"
+    assert (out / LATEST).read_text() == "checkpoint-17"
     assert "verified" in baseline["log"]  # the final folder reloads to the trained logits
 
 
@@ -144,8 +147,8 @@ def test_sigterm_checkpoints_exits_75_and_the_same_command_continues(
 @pytest.fixture
 def saved_checkpoint(baseline, tmp_path) -> tuple[Path, RunShape]:
     """A copy of the baseline's newest checkpoint and the shape of the run that wrote it."""
-    path = tmp_path / "checkpoint-16"
-    shutil.copytree(baseline["out"] / "checkpoint-16", path)
+    path = tmp_path / "checkpoint-17"
+    shutil.copytree(baseline["out"] / "checkpoint-17", path)
     state = json.loads((path / RUN_STATE).read_text())
     return path, RunShape(**state["shape"])
 

@@ -34,7 +34,7 @@ from utils.errors import UserError
 from utils.preemption import PREEMPTED_EXIT
 
 pytestmark = pytest.mark.slow
-TOTAL_STEPS = 8  # 32 rows, micro-batch 2 x 2 ranks x accumulation 2: 4 steps per epoch
+TOTAL_STEPS = 9  # 34 rows: 9 micro-batches per rank and epoch, accumulation 2
 
 
 def free_port() -> str:

@@ -287,6 +287,10 @@ class Checkpointer:
 
     def after_epoch(self, engine, position: DataPosition) -> bool:
         """The epoch-end checkpoint (when saving is on); True when the run must stop now."""
+        if engine.micro_steps % engine.gradient_accumulation_steps():
+            # DeepSpeed carries a partial accumulation into the next epoch; those gradients
+            # are in no checkpoint, so save (or stop) only at the next optimizer step.
+            return False
         self.preempted = stop_requested(self.dist.device)
         if self.preempted or self.cfg.save_steps:
             self._save(engine, position)
