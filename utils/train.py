@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from utils.batching import IGNORE_INDEX
 from utils.config import TrainConfig
 from utils.distributed import DistInfo, all_reduce_max, all_reduce_sum, print_rank_0
+from utils.progress import RunMonitor, grad_norm
 
 
 @dataclass
@@ -106,6 +107,7 @@ def train(
     dist: DistInfo,
     total_steps: int,
     fp32_loss: bool,
+    monitor: RunMonitor,
     log_every: int = 10,
 ) -> list[EvalResult]:
     """Run the epochs; evaluate after each. Returns the per-epoch eval results."""
@@ -127,16 +129,23 @@ def train(
             engine.step()
             tokens_seen += int(batch["attention_mask"].sum())
             step = engine.global_steps
+            monitor.advance(step)
             if boundary and (train_cfg.print_loss or step % log_every == 0 or step == total_steps):
                 elapsed = time.perf_counter() - started
-                print_rank_0(
-                    f"epoch {epoch + 1} step {step}/{total_steps} loss {loss.item():.4f} "
-                    f"lr {engine.get_lr()[0]:.3g} tokens/s/rank {tokens_seen / elapsed:.0f}"
+                monitor.log_step(
+                    step,
+                    epoch + 1,
+                    loss=loss.item(),
+                    lr=engine.get_lr()[0],
+                    grad_norm=grad_norm(engine),
+                    tokens_per_s_per_rank=tokens_seen / elapsed,
+                    skipped_steps=engine.skipped_steps,  # fp16 loss-scale overflows
                 )
             if boundary and step >= total_steps:
                 break
         result = evaluate(engine, eval_loader, dist, fp32_loss)
         log_eval(result, f"Epoch {epoch + 1}/{train_cfg.num_train_epochs}")
+        monitor.log_eval(engine.global_steps, epoch + 1, result)
         results.append(result)
         if engine.global_steps >= total_steps:
             break
