@@ -54,10 +54,10 @@ def build_summary(
         f"loss on {100 * loss_share:.0f}% of them"
         f"{' (responses only)' if loss_share < 1 else ' (prompts and responses)'}; "
         f"rows cut at --max_seq_len {cfg.data.max_seq_len}: {_truncated(data):,}",
-        f"batch        {t.per_device_train_batch_size} per device x {world_size} ranks x "
+        f"batch        {t.per_device_train_batch_size} per device x {_count(world_size, 'rank')} x "
         f"{t.gradient_accumulation_steps} accumulation = "
         f"{ds_config.get('train_batch_size')} sequences per optimizer step",
-        f"steps        {steps_per_epoch:,} per epoch x {t.num_train_epochs} epochs = "
+        f"steps        {steps_per_epoch:,} per epoch x {_count(t.num_train_epochs, 'epoch')} = "
         f"{uncapped:,} optimizer steps{capped}",
         f"deepspeed    {_ds_essentials(ds_config, cfg)}",
         f"output       {os.path.abspath(t.output_dir) if t.output_dir else '(none: dry run)'}",
@@ -154,6 +154,10 @@ def _ds_essentials(ds: dict, cfg: Config) -> str:
         f"gradient checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}"
         f"{', TensorBoard ' + cfg.engine.tensorboard_path if cfg.engine.enable_tensorboard else ''}"
     )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _human(n: int) -> str:
