@@ -168,9 +168,18 @@ def test_memory_suggestions_follow_the_flags_in_use():
     assert suggest_memory_flags(cfg) == []
 
 
-def test_out_of_memory_ends_with_the_flags_that_would_fit(capsys):
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"
+        ),
+    ],
+)
+def test_out_of_memory_ends_with_the_flags_that_would_fit(capsys, error):
     with pytest.raises(SystemExit) as exit_info, explain_failures(["--model_name_or_path", "m"]):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise error
     assert exit_info.value.code == OOM_EXIT_CODE
     err = capsys.readouterr().err
     assert "out of memory" in err and "--gradient_checkpointing" in err and "--zero_stage 3" in err

@@ -18,6 +18,9 @@ from collections.abc import Iterator
 from utils.config import Config
 
 OOM_EXIT_CODE = 3
+LIBRARIES = r"(torch|deepspeed|transformers|datasets|accelerate|peft)(\.|$)"
+# Allocation failures that surface as plain RuntimeErrors (cuBLAS/NCCL workspaces, CPU tensors).
+OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "can't allocate memory")
 
 
 def suggest_memory_flags(cfg: Config) -> list[str]:
@@ -43,7 +46,7 @@ def suggest_memory_flags(cfg: Config) -> list[str]:
 
 
 def explain_oom(cfg: Config | None) -> str:
-    lines = ["out of memory on this device."]
+    lines = ["The model, its training state and activations do not fit in this device's memory."]
     suggestions = suggest_memory_flags(cfg) if cfg else []
     if suggestions:
         lines.append("These flags lower memory (try them in this order):")
@@ -62,12 +65,22 @@ def explain_failures(argv: list[str]) -> Iterator[None]:
 
     try:
         yield
-    except torch.OutOfMemoryError:
-        _report(f"error: {explain_oom(_parse_quietly(argv))}")
-        sys.exit(OOM_EXIT_CODE)
+    except (torch.OutOfMemoryError, MemoryError) as err:
+        _report_oom(err, argv)
+    except RuntimeError as err:
+        if not any(m in str(err) for m in OOM_MESSAGES):
+            _report(f"error: {type(err).__name__}: {err}")
+            raise
+        _report_oom(err, argv)
     except Exception as err:
         _report(f"error: {type(err).__name__}: {err}")
         raise
+
+
+def _report_oom(err: BaseException, argv: list[str]) -> None:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    _report(f"error: {first_line}\n{explain_oom(_parse_quietly(argv))}")
+    sys.exit(OOM_EXIT_CODE)
 
 
 def _report(message: str) -> None:
@@ -90,7 +103,8 @@ def quiet_library_noise(is_main: bool, interactive: bool) -> None:
 
     Other ranks say nothing below errors (they would repeat rank 0 N times); rank 0
     keeps warnings, each Python warning once, and library progress bars only at a
-    terminal (in a log file they are walls of carriage returns).
+    terminal (in a log file they are walls of carriage returns). Call it after the
+    libraries are imported: some install warning filters of their own at import.
     """
     import datasets
     import transformers
@@ -99,6 +113,10 @@ def quiet_library_noise(is_main: bool, interactive: bool) -> None:
     deepspeed_logger.setLevel(logging.WARNING if is_main else logging.ERROR)
     if is_main:
         warnings.simplefilter("once")
+        # Deprecations inside the libraries (DeepSpeed calling an old torch API, ...) are
+        # for their maintainers; the user's own code and every UserWarning still show.
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category, module=LIBRARIES)
     else:
         warnings.simplefilter("ignore")
         transformers.logging.set_verbosity_error()
