@@ -63,6 +63,7 @@ class RunMonitor:
         self._metrics: TextIO | None = None
         self._tensorboard = None
         self._bar = None
+        self._stdout: TextIO | None = None
         if not self.enabled:
             return
         if self.metrics_path:
@@ -73,7 +74,12 @@ class RunMonitor:
             self._tensorboard = SummaryWriter(tensorboard_dir)
         if self.stream.isatty():
             from tqdm import tqdm
+            from tqdm.contrib import DummyTqdmFile
 
+            if self.stream is sys.stdout:
+                # Other prints (eval results, warnings) go through tqdm.write, above the bar.
+                self._stdout = sys.stdout
+                sys.stdout = DummyTqdmFile(self.stream)
             self._bar = tqdm(
                 total=total_steps,
                 initial=start_step,
@@ -117,6 +123,8 @@ class RunMonitor:
             return
         if self._bar is not None:
             self._bar.close()
+        if self._stdout is not None:
+            sys.stdout = self._stdout
         if self.skipped_steps:
             print(
                 f"warning: {self.skipped_steps} optimizer steps were skipped because the fp16 "
