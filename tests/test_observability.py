@@ -166,6 +166,9 @@ def test_memory_suggestions_follow_the_flags_in_use():
         ["--model_name_or_path", "m", "--per_device_train_batch_size", "1", *everything]
     )
     assert suggest_memory_flags(cfg) == []
+    assert suggest_memory_flags(cfg, cpu=True) == [
+        "no --offload (it keeps optimizer states in CPU memory)"
+    ]
 
 
 @pytest.mark.parametrize(

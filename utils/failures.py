@@ -23,10 +23,15 @@ LIBRARIES = r"(torch|deepspeed|transformers|datasets|accelerate|peft)(\.|$)"
 OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "can't allocate memory")
 
 
-def suggest_memory_flags(cfg: Config) -> list[str]:
-    """Flag changes that lower memory, cheapest in speed first; empty when all are in use."""
+def suggest_memory_flags(cfg: Config, cpu: bool = False) -> list[str]:
+    """Flag changes that lower memory, cheapest in speed first; empty when all are in use.
+
+    `cpu`: host memory ran out, where --offload makes things worse, not better.
+    """
     t, e, m = cfg.train, cfg.engine, cfg.model
     suggestions = []
+    if cpu and e.offload:
+        suggestions.append("no --offload (it keeps optimizer states in CPU memory)")
     if not m.gradient_checkpointing:
         suggestions.append("--gradient_checkpointing (recompute activations: far less memory)")
     if t.per_device_train_batch_size > 1:
@@ -38,16 +43,17 @@ def suggest_memory_flags(cfg: Config) -> list[str]:
         )
     if e.zero_stage < 3:
         suggestions.append("--zero_stage 3 (shard parameters, gradients and optimizer states)")
-    if not e.offload:
+    if not e.offload and not cpu:
         suggestions.append("--offload (optimizer states, and parameters at ZeRO-3, in CPU memory)")
     if not cfg.lora.enabled:
         suggestions.append("--lora_dim 128 --only_optimize_lora (train adapters only)")
     return suggestions
 
 
-def explain_oom(cfg: Config | None) -> str:
-    lines = ["The model, its training state and activations do not fit in this device's memory."]
-    suggestions = suggest_memory_flags(cfg) if cfg else []
+def explain_oom(cfg: Config | None, cpu: bool = False) -> str:
+    where = "CPU memory" if cpu else "the device's memory"
+    lines = [f"out of memory: the model, its training state and activations do not fit in {where}."]
+    suggestions = suggest_memory_flags(cfg, cpu) if cfg else []
     if suggestions:
         lines.append("These flags lower memory (try them in this order):")
         lines += [f"    {s}" for s in suggestions]
@@ -79,7 +85,8 @@ def explain_failures(argv: list[str]) -> Iterator[None]:
 
 def _report_oom(err: BaseException, argv: list[str]) -> None:
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    _report(f"error: {first_line}\n{explain_oom(_parse_quietly(argv))}")
+    cpu = isinstance(err, MemoryError) or "CPU" in first_line
+    _report(f"error: {first_line}\n{explain_oom(_parse_quietly(argv), cpu)}")
     sys.exit(OOM_EXIT_CODE)
 
 
