@@ -128,19 +128,20 @@ def sft_data(truncated: int = 0, skipped: int = 0) -> SFTData:
 
 
 def test_summary_block_has_the_numbers_a_user_checks(tiny_model_dir):
-    flags = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4"]
+    flags = ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2"]
     flags += ["--num_train_epochs", "3", "--zero_stage", "3", "--output_dir", "out"]
     cfg = parse_args(["--model_name_or_path", str(tiny_model_dir), *flags])
     ds_config = {
-        "train_batch_size": 16,
+        "train_batch_size": 4,
         "zero_optimization": {"stage": 3},
         "bf16": {"enabled": True},
     }
     text = build_summary(cfg, sft_data(), (2_000_000, 500_000), ds_config, world_size=2)
     assert "2.00M total, 500.00K trainable (25.0%)" in text
     assert "Dahoas/rm-static" in text and "7 training tokens" in text
-    assert "2 per device x 2 ranks x 4 accumulation = 16 sequences" in text
-    assert "1 per epoch x 3 epochs = 3 optimizer steps" in text
+    assert "1 per device x 2 ranks x 2 accumulation = 4 sequences" in text
+    # 1 micro-batch per epoch; DeepSpeed accumulates across epoch ends: 3 // 2 = 1 step.
+    assert "0.5 per epoch x 3 epochs = 1 optimizer step" in text
     assert "ZeRO stage 3, bf16" in text
     assert os.path.abspath("out") in text
 

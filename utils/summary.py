@@ -34,9 +34,11 @@ def build_summary(
     t = cfg.train
     total, trainable = params
     lora = f", LoRA rank {cfg.lora.lora_dim} on '{cfg.lora.lora_module_name}'"
-    steps_per_epoch = t.steps_per_epoch(len(data.train), world_size)
+    micro_batches = t.micro_batches_per_epoch(len(data.train), world_size)
     total_steps = t.total_steps(len(data.train), world_size)
-    uncapped = t.num_train_epochs * steps_per_epoch
+    # DeepSpeed carries accumulation across epoch ends, so steps per epoch may be fractional.
+    per_epoch = micro_batches / t.gradient_accumulation_steps
+    uncapped = max(1, t.num_train_epochs * micro_batches // t.gradient_accumulation_steps)
     capped = f", stopping at {total_steps:,} (--max_steps)" if total_steps < uncapped else ""
     tokens, loss_share = count_tokens(data)
     avg = tokens / max(len(data.train), 1)
@@ -57,8 +59,8 @@ def build_summary(
         f"batch        {t.per_device_train_batch_size} per device x {_count(world_size, 'rank')} x "
         f"{t.gradient_accumulation_steps} accumulation = "
         f"{ds_config.get('train_batch_size')} sequences per optimizer step",
-        f"steps        {steps_per_epoch:,} per epoch x {_count(t.num_train_epochs, 'epoch')} = "
-        f"{uncapped:,} optimizer steps{capped}",
+        f"steps        {per_epoch:,.4g} per epoch x {_count(t.num_train_epochs, 'epoch')} = "
+        f"{_count(uncapped, 'optimizer step')}{capped}",
         f"deepspeed    {_ds_essentials(ds_config, cfg)}",
         f"output       {os.path.abspath(t.output_dir) if t.output_dir else '(none: dry run)'}",
         RULE,
