@@ -359,7 +359,8 @@ def test_train_only_hub_copy_gets_a_seeded_nine_to_one_eval_cut(tmp_path, tiny_t
         {"INSTRUCTION": f"Q{i}?", "RESPONSE": f"A{i}.", "SOURCE": "", "METADATA": ""}
         for i in range(20)
     ]
-    write_hub_copy(folder, {"train": rows}, "jsonl")
+    # A stray test file is ignored: the hub data set has train only.
+    write_hub_copy(folder, {"train": rows, "test": rows[:5]}, "jsonl")
     cfg = DataConfig(
         data_path=[str(folder)], data_split="10,0,0", data_output_path=str(tmp_path / "cache")
     )

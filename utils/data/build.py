@@ -10,7 +10,7 @@ from datasets import Dataset, concatenate_datasets
 from filelock import FileLock
 from transformers import PreTrainedTokenizerBase
 
-from utils.config import DataConfig
+from utils.config import DataConfig, default_cache_dir
 from utils.data.cache import cache_key, load_cached, save_cached
 from utils.data.common import FORMAT_VERSION, DataError, SFTData, SourceStats
 from utils.data.formats import format_rows
@@ -41,15 +41,16 @@ def build_sft_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> SFTDa
             "tokenizer": fingerprint_tokenizer(tokenizer),
         }
     )
-    folder = os.path.join(cfg.data_output_path, f"sft-{key}")
+    root = cfg.data_output_path or default_cache_dir()
+    folder = os.path.join(root, f"sft-{key}")
     if not cfg.rebuild_data_cache and (cached := load_cached(folder)):
         return cached
-    os.makedirs(cfg.data_output_path, exist_ok=True)
+    os.makedirs(root, exist_ok=True)
     with FileLock(folder + ".lock"):
         # Another process may have finished the same entry while this one waited.
         if not cfg.rebuild_data_cache and (cached := load_cached(folder)):
             return cached
-        with tempfile.TemporaryDirectory(prefix=".build-", dir=cfg.data_output_path) as work:
+        with tempfile.TemporaryDirectory(prefix=".build-", dir=root) as work:
             save_cached(build_uncached(sources, split, cfg, tokenizer, work), folder, work)
     return load_cached(folder)
 

@@ -10,7 +10,7 @@ from datasets import Dataset, load_dataset
 
 from utils.data.common import DataError
 from utils.data.formats import Formatter, detect_format
-from utils.data.local import BUILDERS, fingerprint_path, load_local
+from utils.data.local import BUILDERS, EVAL_SPLITS, fingerprint_path, load_local
 from utils.data.registry import DATASETS, Adapter
 
 JSONFILE_DIR = "data"  # local/jsonfile reads data/train.json and data/eval.json (DeepSpeed-Chat)
@@ -104,7 +104,10 @@ def find_jsonfile_dir() -> str:
 def load_source(source: Source, cache_dir: str) -> tuple[dict[str, Dataset], Formatter]:
     """{"train": rows[, "eval": rows]} and the formatter for them."""
     adapter = source.adapter
-    eval_splits = (adapter.eval_split,) if adapter and adapter.eval_split else ()
+    if adapter is None:
+        eval_splits = EVAL_SPLITS
+    else:  # a hub copy: its own eval split first; none for train-only data sets, like the hub
+        eval_splits = (adapter.eval_split, *EVAL_SPLITS) if adapter.eval_split else ()
     splits = load_local(source.path, cache_dir, eval_splits) if source.path else load_hub(adapter)
     if adapter is None:
         return splits, detect_format(splits["train"].column_names, source.name)
