@@ -8,10 +8,12 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
 import utils.data.build as build_module
+import utils.data.cache as cache_module
 from utils.config import DataConfig
 from utils.data import build_sft_data
 from utils.tiny import build_tokenizer
@@ -99,13 +101,23 @@ def test_every_setting_that_changes_rows_is_part_of_the_key(
     assert len([n for n in os.listdir(cfg.data_output_path) if not n.endswith(".lock")]) == 2
 
 
-def test_rebuild_flag_forces_a_build(tmp_path, tiny_tokenizer, builds):
-    cfg = config(tmp_path, write_source(tmp_path / "src", ["yes"]))
+def test_rebuild_flag_rebuilds_entries_older_than_the_process(
+    tmp_path, tiny_tokenizer, builds, monkeypatch
+):
+    cfg = dataclasses.replace(
+        config(tmp_path, write_source(tmp_path / "src", ["yes"])), rebuild_data_cache=True
+    )
     first = build_sft_data(cfg, tiny_tokenizer)
-    again = build_sft_data(dataclasses.replace(cfg, rebuild_data_cache=True), tiny_tokenizer)
+    # An entry this process made is fresh: other ranks read what rank 0 just rebuilt.
+    assert rows(build_sft_data(cfg, tiny_tokenizer)) == rows(first)
+    assert len(builds) == 1
+    monkeypatch.setattr(cache_module, "PROCESS_START", time.time() + 1)  # as if started later
+    again = build_sft_data(cfg, tiny_tokenizer)
     assert len(builds) == 2
     assert rows(again) == rows(first)
-    assert rows(build_sft_data(cfg, tiny_tokenizer)) == rows(first)  # the rebuilt entry is readable
+    assert rows(
+        build_sft_data(dataclasses.replace(cfg, rebuild_data_cache=False), tiny_tokenizer)
+    ) == rows(first)
 
 
 def test_the_cache_holds_arrow_and_json_only(tmp_path, tiny_tokenizer):
@@ -143,18 +155,34 @@ BUILDER = textwrap.dedent(
         print("BUILT", flush=True)
         return real(*a, **k)
     b.build_uncached = logged
-    cfg = DataConfig(data_path=[sys.argv[3]], data_split="10,0,0", data_output_path=sys.argv[4])
+    cfg = DataConfig(data_path=[sys.argv[3]], data_split="10,0,0", data_output_path=sys.argv[4],
+                     rebuild_data_cache=sys.argv[5] == "rebuild")
     data = b.build_sft_data(cfg, AutoTokenizer.from_pretrained(sys.argv[2]))
     print("ROWS", json.dumps([r["input_ids"] for r in data.train]), flush=True)
     """
 )
 
 
-def test_two_concurrent_builders_build_once_and_agree(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("flag", ["", "rebuild"])
+def test_two_concurrent_builders_build_once_and_agree(tmp_path, tiny_tokenizer, flag):
+    """Like ranks (or runs) sharing a cache; with the rebuild flag an old entry is rebuilt once."""
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
     src = write_source(tmp_path / "src", [f"answer {i}" for i in range(200)])
+    if flag:  # an entry from an earlier run, an hour ago
+        build_sft_data(config(tmp_path, src), tiny_tokenizer)
+        for entry in (tmp_path / "cache").glob("sft-*/sources.json"):
+            os.utime(entry, (time.time() - 3600, time.time() - 3600))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    cmd = [sys.executable, "-c", BUILDER, REPO, str(tmp_path / "tok"), src, str(tmp_path / "cache")]
+    cmd = [
+        sys.executable,
+        "-c",
+        BUILDER,
+        REPO,
+        str(tmp_path / "tok"),
+        src,
+        str(tmp_path / "cache"),
+        flag,
+    ]
     procs = [
         subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         for _ in range(2)
