@@ -376,3 +376,9 @@ def test_hub_name_offline_says_how_to_use_a_local_copy(tmp_path, tiny_tokenizer,
     with pytest.raises(DataError, match=r"--data_path DIR/Dahoas/rm-static") as err:
         build_sft_data(cfg, tiny_tokenizer)
     assert "save_to_disk" in str(err.value)
+
+
+def test_offline_hint_for_a_shared_hub_set_names_the_catalogue_entry(tmp_path, tiny_tokenizer):
+    cfg = DataConfig(data_path=["mkqa-Japanese"], data_output_path=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=r"load_dataset\('mkqa'\).*--data_path DIR/mkqa-Japanese"):
+        build_sft_data(cfg, tiny_tokenizer)
