@@ -77,12 +77,23 @@ def load_files(files: list[str], cache_dir: str) -> Dataset:
             f"cannot read {files}: use one of the formats {sorted(BUILDERS)} for every file of a split"
         )
     builder = builders.pop()
+    empty = [f for f in files if _is_blank(f)]
+    if empty:
+        raise DataError(
+            f"{empty[0]} is empty: every data file needs rows. Fill it or remove it "
+            "(a folder without an eval file takes its eval rows from a 9:1 split of train)."
+        )
     try:
         return load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
     except (DatasetGenerationError, pyarrow.ArrowException, ValueError) as err:
         cause = err.__cause__ or err
         problem = _find_bad_json(files) if builder == "json" else None
         raise DataError(problem or f"cannot read {files}: {cause}") from err
+
+
+def _is_blank(path: str) -> bool:
+    with open(path, "rb") as f:
+        return not f.read(4096).strip() and os.path.getsize(path) <= 4096
 
 
 def _find_bad_json(files: list[str]) -> str | None:
