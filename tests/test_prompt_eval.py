@@ -96,7 +96,7 @@ def test_report_has_one_row_per_prompt_with_both_answers(
     argv = [
         "--model_name_or_path_baseline", str(baseline_dir),
         "--model_name_or_path_finetune", str(finetune_dir),
-        "--prompts", str(prompts), "--max_new_tokens", "24", "--batch_size", "2",
+        "--prompts", str(prompts), "--max_new_tokens", "16", "--batch_size", "2",
     ]  # fmt: skip
     assert run([*argv, "--output", str(tmp_path / "report.json")]) == 0
     console = capsys.readouterr().out
@@ -106,7 +106,7 @@ def test_report_has_one_row_per_prompt_with_both_answers(
     assert [row["finetune"] for row in report["rows"]] == [[answer] for answer in ANSWERS]
     assert all(len(row["baseline"]) == 1 for row in report["rows"])
     assert report["models"] == {"baseline": str(baseline_dir), "finetune": str(finetune_dir)}
-    assert report["decoding"] == {"decoding": "greedy", "max_new_tokens": 24, "seed": 1234}
+    assert report["decoding"] == {"decoding": "greedy", "max_new_tokens": 16, "seed": 1234}
     assert report["perplexity"] is None
     for prompt, answer in PAIRS:
         assert prompt in console and answer in console
@@ -142,17 +142,23 @@ def test_greedy_generation_is_deterministic(baseline_dir):
     assert all(answer for (answer,) in first), "the untrained model says something"
 
 
-@pytest.mark.parametrize("which", ["baseline", "finetune"])
-def test_batched_generation_matches_one_at_a_time(which, baseline_dir, finetune_dir):
+@pytest.mark.parametrize(
+    ("which", "decoding"),
+    [("baseline", "greedy"), ("finetune", "greedy"), ("baseline", "beam")],
+)
+def test_batched_generation_matches_one_at_a_time(which, decoding, baseline_dir, finetune_dir):
     # Prompts of different lengths force left padding; the trained model's answers
     # end at different steps, so finished rows are padded while others continue.
+    # Beam search returns two answers per prompt, which must stay with their prompt.
     model, tokenizer = load(baseline_dir if which == "baseline" else finetune_dir)
     prompts = [*PROMPTS, "Human: hi Assistant:"]
-    batched = generate_answers(model, tokenizer, prompts, DecodingConfig(max_new_tokens=16), EOT)
-    single = generate_answers(
-        model, tokenizer, prompts, DecodingConfig(max_new_tokens=16, batch_size=1), EOT
-    )
-    assert batched == single
+    cfg = DecodingConfig(decoding=decoding, max_new_tokens=12, num_beams=3)
+    if decoding == "beam":
+        cfg.num_return_sequences = 2
+    batched = generate_answers(model, tokenizer, prompts, cfg, EOT)
+    cfg.batch_size = 1
+    assert generate_answers(model, tokenizer, prompts, cfg, EOT) == batched
+    assert [len(answers) for answers in batched] == [cfg.num_return_sequences] * len(prompts)
 
 
 def test_generation_stops_at_the_eot_token(finetune_dir):
