@@ -92,6 +92,7 @@ def evaluate_perplexity(model, tokenizer, cfg: PromptEvalConfig) -> tuple[float,
         cfg.eot_token,
         cfg.data_output_path,
         cfg.max_eval_rows,
+        cfg.decoding.seed,
     )
     return compute_perplexity(model, rows, cfg.decoding.batch_size), len(rows)
 

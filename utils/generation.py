@@ -167,7 +167,10 @@ def generate_answers(
     answers: list[list[str]] = []
     for start in range(0, len(prompts), cfg.batch_size):
         batch = tokenizer(
-            prompts[start : start + cfg.batch_size], return_tensors="pt", padding=True
+            prompts[start : start + cfg.batch_size],
+            return_tensors="pt",
+            padding=True,
+            return_token_type_ids=False,
         ).to(model.device)
         with torch.no_grad():
             output = model.generate(**batch, **kwargs)

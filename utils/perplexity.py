@@ -24,8 +24,12 @@ def load_eval_rows(
     eot_token: str,
     cache_dir: str,
     max_rows: int | None,
+    seed: int,
 ) -> list[dict]:
-    """The evaluation rows of --eval_data_path, tokenised with `tokenizer` by the data layer."""
+    """The evaluation rows of --eval_data_path, tokenised with `tokenizer` by the data layer.
+
+    With training's --seed and --max_seq_len these are the rows training held out.
+    """
     # Imported here so that prompt_eval without --eval_data_path never loads `datasets`.
     from utils.config import DataConfig
     from utils.data import build_sft_data
@@ -36,6 +40,7 @@ def load_eval_rows(
         data_output_path=cache_dir,
         max_seq_len=max_seq_len,
         eot_token=eot_token,
+        seed=seed,
     )
     rows = build_sft_data(cfg, tokenizer).eval
     if max_rows is not None:

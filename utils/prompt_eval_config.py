@@ -96,7 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--batch_size", type=int, default=8, help="Prompts (and perplexity rows) per forward pass."
     )
-    g.add_argument("--seed", type=int, default=1234, help="Seed for --decoding sample.")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=1234,
+        help="Seed for --decoding sample and for the data split: give training's --seed so "
+        "the perplexity rows are the ones training held out.",
+    )
 
     q = p.add_argument_group("prompts")
     q.add_argument(
@@ -120,7 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Data sets (as main.py's --data_path) whose evaluation rows both models "
         "are scored on.",
     )
-    e.add_argument("--max_seq_len", type=int, default=512, help="Longest evaluation row in tokens.")
+    e.add_argument(
+        "--max_seq_len",
+        type=int,
+        default=512,
+        help="Longest evaluation row in tokens (give training's value).",
+    )
     e.add_argument(
         "--max_eval_rows",
         type=int,
