@@ -85,16 +85,10 @@ def evaluate_model(
 
 def evaluate_perplexity(model, tokenizer, cfg: PromptEvalConfig) -> tuple[float, int]:
     """Perplexity of `model` on --eval_data_path's evaluation rows, and how many rows."""
-    rows = load_eval_rows(
-        cfg.eval_data_path,
-        tokenizer,
-        cfg.max_seq_len,
-        cfg.eot_token,
-        cfg.data_output_path,
-        cfg.max_eval_rows,
-        cfg.decoding.seed,
+    rows = load_eval_rows(cfg.eval_data(), tokenizer, cfg.max_eval_rows)
+    return compute_perplexity(model, rows, tokenizer.pad_token_id, cfg.decoding.batch_size), len(
+        rows
     )
-    return compute_perplexity(model, rows, cfg.decoding.batch_size), len(rows)
 
 
 def summarize_perplexity(

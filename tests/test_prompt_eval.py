@@ -18,6 +18,7 @@ import torch
 
 from prompt_eval import run
 from tests.conftest import CORPUS
+from utils.batching import collate
 from utils.generation import (
     DecodingConfig,
     build_generate_kwargs,
@@ -25,15 +26,15 @@ from utils.generation import (
     load_eval_model,
     load_eval_tokenizer,
 )
-from utils.perplexity import _collate, compute_perplexity
+from utils.perplexity import compute_perplexity
 from utils.prompt_report import render_markdown
 from utils.prompts import frame_prompt, load_prompts
 from utils.tiny import EOT, build_opt_model, build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-# (prompt, answer) pairs the fine-tuned model learns: "Human: Say hello. Assistant:" -> "Hello! ..."
+# (prompt, answer) pairs the fine-tuned model learns: " Human: Say hello. Assistant:" -> "Hello! ..."
 PAIRS = [
-    (question.strip() + " Assistant:", answer.strip())
+    (question + " Assistant:", answer.strip())
     for question, answer in (line.split(" Assistant:") for line in dict.fromkeys(CORPUS))
 ]
 PROMPTS = [prompt for prompt, _ in PAIRS]
@@ -65,11 +66,11 @@ def baseline_dir(tmp_path_factory, tiny_tokenizer):
 def finetune_dir(tmp_path_factory, tiny_tokenizer):
     """Trained until it answers PAIRS word for word and then emits the eot token."""
     model = build_opt_model(tiny_tokenizer, seed=1)
-    input_ids, labels, attention_mask = _collate(sft_rows(tiny_tokenizer))
+    batch = collate(sft_rows(tiny_tokenizer), tiny_tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
     for _ in range(40):
-        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+        model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     path = tmp_path_factory.mktemp("finetune")
@@ -117,7 +118,9 @@ def test_report_has_one_row_per_prompt_with_both_answers(
     table = [line for line in markdown.splitlines() if line.startswith("| ")]
     assert table[0] == "| prompt | baseline | finetuned |"
     assert len(table) == 2 + len(PROMPTS)  # header, separator, one row per prompt
-    assert table[2].startswith(f"| {PROMPTS[0]} |") and table[2].endswith(f"| {ANSWERS[0]} |")
+    assert table[2].startswith(f"| {PROMPTS[0].strip()} |") and table[2].endswith(
+        f"| {ANSWERS[0]} |"
+    )
     assert str(finetune_dir) in markdown and "decoding=greedy" in markdown
     assert not list(tmp_path.glob(".report*")), "no temporary file left behind"
 
@@ -152,7 +155,7 @@ def test_batched_generation_matches_one_at_a_time(which, decoding, baseline_dir,
     # end at different steps, so finished rows are padded while others continue.
     # Beam search returns two answers per prompt, which must stay with their prompt.
     model, tokenizer = load(baseline_dir if which == "baseline" else finetune_dir)
-    prompts = [*PROMPTS, "Human: hi Assistant:"]
+    prompts = [*PROMPTS, " Human: hi Assistant:"]
     cfg = DecodingConfig(decoding=decoding, max_new_tokens=12, num_beams=3)
     if decoding == "beam":
         cfg.num_return_sequences = 2
@@ -187,26 +190,50 @@ def test_an_eot_text_outside_the_vocabulary_stops_generation_too(finetune_dir):
 
 
 def test_trained_model_has_lower_perplexity_on_its_data(baseline_dir, finetune_dir, tiny_tokenizer):
-    rows = sft_rows(tiny_tokenizer)
-    untrained = compute_perplexity(load(baseline_dir)[0], rows)
-    trained = compute_perplexity(load(finetune_dir)[0], rows)
+    rows, pad = sft_rows(tiny_tokenizer), tiny_tokenizer.pad_token_id
+    untrained = compute_perplexity(load(baseline_dir)[0], rows, pad)
+    trained = compute_perplexity(load(finetune_dir)[0], rows, pad)
     assert trained < untrained / 10
-    assert trained < 2.0
 
 
 def test_perplexity_does_not_depend_on_batching(baseline_dir, tiny_tokenizer):
     # Right padding must neither be scored nor shift what the real tokens see.
     model, _ = load(baseline_dir)
-    rows = sft_rows(tiny_tokenizer)
-    one_batch = compute_perplexity(model, rows, batch_size=len(rows))
-    assert compute_perplexity(model, rows, batch_size=1) == pytest.approx(one_batch, rel=1e-5)
+    rows, pad = sft_rows(tiny_tokenizer), tiny_tokenizer.pad_token_id
+    one_batch = compute_perplexity(model, rows, pad, batch_size=len(rows))
+    assert compute_perplexity(model, rows, pad, batch_size=1) == pytest.approx(one_batch, rel=1e-5)
+
+
+def test_eval_data_path_scores_both_models_on_the_held_out_rows(
+    tmp_path, baseline_dir, finetune_dir, capsys
+):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"prompt": prompt, "chosen": " " + answer} for prompt, answer in PAIRS]
+    for split in ("train", "eval"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    code = run(["--model_name_or_path_baseline", str(baseline_dir),
+                "--model_name_or_path_finetune", str(finetune_dir),
+                "--prompts", str(write_prompts(tmp_path, PROMPTS[:1])), "--max_new_tokens", "4",
+                "--eval_data_path", str(data), "--max_seq_len", "64",
+                "--data_output_path", str(tmp_path / "cache"),
+                "--output", str(tmp_path / "r.json")])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    perplexity = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["perplexity"]
+    assert perplexity["rows"] == len(PAIRS) and perplexity["data_path"] == [str(data)]
+    assert perplexity["finetune"] < perplexity["baseline"] / 10
+    assert f"finetuned {perplexity['finetune']:.3f}" in capsys.readouterr().out
 
 
 def test_prompts_file_text_and_jsonl_with_framing(tmp_path):
-    text = write_prompts(tmp_path, ["Why is the sky blue?", "", "Human: Hi. Assistant:"])
-    assert load_prompts(text) == ["Human: Why is the sky blue? Assistant:", "Human: Hi. Assistant:"]
+    # Bare questions get the training rows' frame, leading space included.
+    text = write_prompts(tmp_path, ["Why is the sky blue? ", "", "Human: Hi. Assistant:"])
+    assert load_prompts(text) == [
+        " Human: Why is the sky blue? Assistant:",
+        "Human: Hi. Assistant:",
+    ]
     jsonl = write_prompts(tmp_path, ['{"prompt": "Say hello."}'], "p.jsonl")
-    assert load_prompts(jsonl) == [frame_prompt("Say hello.")] == ["Human: Say hello. Assistant:"]
+    assert load_prompts(jsonl) == [frame_prompt("Say hello.")] == [" Human: Say hello. Assistant:"]
 
 
 def test_missing_model_folder_is_reported(tmp_path, finetune_dir, capsys):

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.config import default_cache_dir
+from utils.config import DataConfig, default_cache_dir
 from utils.errors import UserError
 from utils.generation import DECODINGS, HUB_DECODINGS, MODE_FLAGS, DecodingConfig, check_model_path
 from utils.prompt_report import REPORT_FORMATS
@@ -40,6 +40,18 @@ class PromptEvalConfig:
     data_output_path: str = ""
     output: str | None = None
     ignored_flags: list[str] = field(default_factory=list)
+
+    def eval_data(self) -> DataConfig:
+        """The data layer's view of --eval_data_path: every row in the SFT phase, as training
+        splits it (same seed and length), so its eval rows are the ones training held out."""
+        return DataConfig(
+            data_path=list(self.eval_data_path),
+            data_split="10,0,0",
+            data_output_path=self.data_output_path,
+            max_seq_len=self.max_seq_len,
+            seed=self.decoding.seed,
+            eot_token=self.eot_token,
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,7 +217,6 @@ def validate(cfg: PromptEvalConfig) -> None:
         ("batch_size", d.batch_size),
         ("num_return_sequences", d.num_return_sequences),
         ("top_k", d.top_k),
-        ("max_seq_len", cfg.max_seq_len),
     ]:
         if value < 1:
             problems.append(f"--{name} {value}: must be at least 1")
@@ -226,6 +237,11 @@ def validate(cfg: PromptEvalConfig) -> None:
         )
     if d.decoding == "contrastive" and not 0 < d.penalty_alpha <= 1:
         problems.append(f"--penalty_alpha {d.penalty_alpha}: must be in (0, 1]")
+    if cfg.eval_data_path:
+        # Imported only here: the data layer pulls in `datasets`, which plain runs never need.
+        from utils.data import check_data_config
+
+        problems += check_data_config(cfg.eval_data())
     if cfg.output and Path(cfg.output).suffix.lower() not in REPORT_FORMATS:
         problems.append(f"--output {cfg.output}: unknown extension; use .md or .json")
     if problems:

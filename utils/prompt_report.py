@@ -46,7 +46,11 @@ def format_console(report: dict, width: int | None = None) -> str:
     column = max(20, (width - 3) // 2)
     lines = [*_header_lines(report), ""]
     for number, row in enumerate(report["rows"], 1):
-        lines += ["=" * (2 * column + 3), f"[{number}/{len(report['rows'])}] {row['prompt']}", ""]
+        lines += [
+            "=" * (2 * column + 3),
+            f"[{number}/{len(report['rows'])}] {row['prompt'].strip()}",
+            "",
+        ]
         left = _wrap_answers(row["baseline"], column)
         right = _wrap_answers(row["finetune"], column)
         lines.append(_pad("baseline", column) + " | finetuned")
@@ -114,7 +118,8 @@ def _join_answers(answers: list[str]) -> str:
 
 
 def _markdown_cell(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "<br>") or " "
+    text = text.strip().replace("\\", "\\\\").replace("|", "\\|").replace("\n", "<br>")
+    return text or " "
 
 
 def _wrap_answers(answers: list[str], width: int) -> list[str]:

@@ -1,7 +1,10 @@
 """Prompt sets for comparing a baseline and a fine-tuned model.
 
 The built-in sets are DeepSpeed-Chat's six evaluation questions in three
-languages, already in the "Human: ... Assistant:" frame the SFT data uses.
+languages. Every prompt is framed as the data layer frames training rows
+(" Human: <question> Assistant:", leading space included): a byte-level BPE
+tokenises " Human" and "Human" differently, and the model should see what it
+was trained on.
 """
 
 from __future__ import annotations
@@ -11,40 +14,45 @@ from pathlib import Path
 
 from utils.errors import UserError
 
-PROMPT_SETS: dict[str, list[str]] = {
+PROMPT_FRAME = " Human: {} Assistant:"
+QUESTIONS: dict[str, list[str]] = {
     "English": [
-        "Human: Please tell me about Microsoft in a few sentences. Assistant:",
-        "Human: Explain the moon landing to a 6 year old in a few sentences. Assistant:",
-        "Human: Write a short poem about a wise frog. Assistant:",
-        "Human: Who was president of the United States in 1955? Assistant:",
-        "Human: How does a telescope work? Assistant:",
-        "Human: Why do birds migrate south for the winter? Assistant:",
+        "Please tell me about Microsoft in a few sentences.",
+        "Explain the moon landing to a 6 year old in a few sentences.",
+        "Write a short poem about a wise frog.",
+        "Who was president of the United States in 1955?",
+        "How does a telescope work?",
+        "Why do birds migrate south for the winter?",
     ],
     "Chinese": [
-        "Human: 请用几句话介绍一下微软。 Assistant:",
-        "Human: 请用几句话向一个6岁的孩子解释登月。 Assistant:",
-        "Human: 写一首关于一只聪明的青蛙的短诗。 Assistant:",
-        "Human: 1955年的美国总统是谁? Assistant:",
-        "Human: 望远镜是如何工作的? Assistant:",
-        "Human: 为什么鸟类冬天要向南迁徙? Assistant:",
+        "请用几句话介绍一下微软。",
+        "请用几句话向一个6岁的孩子解释登月。",
+        "写一首关于一只聪明的青蛙的短诗。",
+        "1955年的美国总统是谁?",
+        "望远镜是如何工作的?",
+        "为什么鸟类冬天要向南迁徙?",
     ],
     "Japanese": [
-        "Human: マイクロソフトについて簡単に教えてください。 Assistant:",
-        "Human: 6歳の子どもに月面着陸を短い文で説明してください。 Assistant:",
-        "Human: 賢いカエルについての短い詩を書いてください。 Assistant:",
-        "Human: 1955年のアメリカ合衆国大統領は誰ですか? Assistant:",
-        "Human: 望遠鏡はどのように機能しますか? Assistant:",
-        "Human: 鳥が冬に南へ渡るのはなぜですか? Assistant:",
+        "マイクロソフトについて簡単に教えてください。",
+        "6歳の子どもに月面着陸を短い文で説明してください。",
+        "賢いカエルについての短い詩を書いてください。",
+        "1955年のアメリカ合衆国大統領は誰ですか?",
+        "望遠鏡はどのように機能しますか?",
+        "鳥が冬に南へ渡るのはなぜですか?",
     ],
 }
 
 
 def frame_prompt(text: str) -> str:
-    """Wrap a bare question in the "Human: ... Assistant:" frame; framed prompts pass unchanged."""
-    text = text.strip()
-    if text.startswith("Human:") and text.endswith("Assistant:"):
-        return text
-    return f"Human: {text} Assistant:"
+    """Wrap a bare question in PROMPT_FRAME; framed prompts keep the user's exact text."""
+    if text.strip().startswith("Human:") and text.rstrip().endswith("Assistant:"):
+        return text.rstrip()
+    return PROMPT_FRAME.format(text.strip())
+
+
+PROMPT_SETS = {
+    language: [frame_prompt(q) for q in questions] for language, questions in QUESTIONS.items()
+}
 
 
 def load_prompts(path: str | Path) -> list[str]:
