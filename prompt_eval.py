@@ -10,6 +10,7 @@ printed side by side and, with --output, saved as Markdown or JSON.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from transformers.utils import logging as hf_logging
@@ -106,8 +107,9 @@ def summarize_perplexity(
 
 def run(argv: list[str] | None = None) -> int:
     """main() with a user's mistake shown as one line and exit status 2, like main.py."""
-    # Per-model weight-loading bars would interleave with the comparison on the console.
+    # Per-model loading and data-preparation bars would interleave with the comparison.
     hf_logging.disable_progress_bar()
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets loads
     try:
         main(argv)
     except UserError as error:

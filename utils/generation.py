@@ -172,8 +172,16 @@ def generate_answers(
             padding=True,
             return_token_type_ids=False,
         ).to(model.device)
-        with torch.no_grad():
-            output = model.generate(**batch, **kwargs)
+        try:
+            with torch.no_grad():
+                output = model.generate(**batch, **kwargs)
+        except OSError as error:
+            if cfg.decoding not in HUB_DECODINGS:
+                raise
+            raise UserError(
+                f"--decoding {cfg.decoding} needs hf.co/{HUB_DECODINGS[cfg.decoding]}, which "
+                f"could not be loaded ({error}); connect to the Hub or pick another --decoding"
+            ) from None
         # output: (batch * num_return_sequences, prompt_len + new); left padding means
         # every answer starts at the same column.
         texts = [

@@ -241,7 +241,10 @@ def validate(cfg: PromptEvalConfig) -> None:
         # Imported only here: the data layer pulls in `datasets`, which plain runs never need.
         from utils.data import check_data_config
 
-        problems += check_data_config(cfg.eval_data())
+        # The data layer names main.py's flag; here the paths came from --eval_data_path.
+        problems += [
+            p.replace("--data_path", "--eval_data_path") for p in check_data_config(cfg.eval_data())
+        ]
     if cfg.output and Path(cfg.output).suffix.lower() not in REPORT_FORMATS:
         problems.append(f"--output {cfg.output}: unknown extension; use .md or .json")
     if problems:
