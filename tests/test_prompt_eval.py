@@ -236,13 +236,25 @@ def test_prompts_file_text_and_jsonl_with_framing(tmp_path):
     assert load_prompts(jsonl) == [frame_prompt("Say hello.")] == [" Human: Say hello. Assistant:"]
 
 
-def test_missing_model_folder_is_reported(tmp_path, finetune_dir, capsys):
-    missing = tmp_path / "no-such-model"
-    code = run(["--model_name_or_path_baseline", str(missing),
+@pytest.mark.parametrize(
+    ("baseline", "message"),
+    [
+        ("no-such-model/", "no such model folder"),
+        ("empty-folder", "no config.json"),
+        ("nobody/not-a-model", "cannot load the tokenizer of nobody/not-a-model"),  # Hub offline
+    ],
+)
+def test_a_model_that_cannot_be_loaded_is_reported(
+    baseline, message, tmp_path, finetune_dir, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty-folder").mkdir()
+    code = run(["--model_name_or_path_baseline", baseline,
                 "--model_name_or_path_finetune", str(finetune_dir)])  # fmt: skip
     assert code == 2
     error = capsys.readouterr().err
-    assert "--model_name_or_path_baseline" in error and "no such model folder" in error
+    assert error.startswith("error: ") and message in error
+    assert "--model_name_or_path_baseline" in error or "nobody" in baseline
 
 
 def test_empty_prompts_file_is_reported(tmp_path, baseline_dir, finetune_dir, capsys):

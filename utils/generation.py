@@ -68,8 +68,8 @@ def check_model_path(flag: str, path: str) -> str | None:
     """The problem with a --model_name_or_path_* value, or None if it can be loaded.
 
     A value that names a folder must hold a saved model; a value that looks like a
-    path ("./out", "/ckpt", "~/x") but does not exist is reported instead of being
-    sent to the Hub as a model name.
+    path ("./out", "/ckpt", "~/x", "out/", "a/b/c") but does not exist is reported
+    instead of being sent to the Hub as a model name.
     """
     local = Path(path).expanduser()
     if local.is_dir():
@@ -78,7 +78,7 @@ def check_model_path(flag: str, path: str) -> str | None:
         return None
     if local.exists():
         return f"{flag} {path}: is a file; point it at a saved model folder or a Hub model name"
-    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+    if path.startswith((".", "/", "~")) or path.endswith("/") or path.count("/") > 1:
         return f"{flag} {path}: no such model folder; check the path (did training finish?)"
     return None
 
@@ -88,7 +88,8 @@ def load_eval_tokenizer(path: str, eot_token: str, add_eot_token: bool, trust_re
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as error:
-        raise UserError(f"cannot load the tokenizer of {path}: {error}") from None
+        where = "its folder has no usable tokenizer" if Path(path).is_dir() else "the Hub said"
+        raise UserError(f"cannot load the tokenizer of {path}: {where}: {error}") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         # Padding never reaches the model's answers (attention mask), so any token serves.
@@ -107,7 +108,9 @@ def load_eval_model(
             path, dtype=dtype, trust_remote_code=trust_remote_code
         )
     except OSError as error:
-        raise UserError(f"cannot load the model {path}: {error}") from None
+        raise UserError(
+            f"cannot load the model {path} (is the folder complete?): {error}"
+        ) from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         # Only when --add_eot_token just added the token: its embedding is untrained.
         model.resize_token_embeddings(len(tokenizer))
