@@ -29,10 +29,12 @@ DIVERSITY_PENALTY = 1.0
 
 @dataclass
 class DecodingConfig:
+    """How both models generate; MODE_FLAGS says which fields each --decoding reads."""
+
     decoding: str = "greedy"
     max_new_tokens: int = 100
-    num_beams: int = 1
-    num_beam_groups: int = 1
+    num_beams: int = 4
+    num_beam_groups: int = 2
     top_k: int = 4
     penalty_alpha: float = 0.6
     num_return_sequences: int = 1

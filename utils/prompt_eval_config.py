@@ -13,15 +13,10 @@ from utils.prompt_report import REPORT_FORMATS
 from utils.prompts import PROMPT_SETS
 
 ROLES = {"baseline": "--model_name_or_path_baseline", "finetune": "--model_name_or_path_finetune"}
-# Defaults of the decoding flags; None on the command line means "not given", so a flag
-# the chosen --decoding ignores can be reported rather than silently dropped.
-DECODING_DEFAULTS = {
-    "num_beams": 4,
-    "num_beam_groups": 2,
-    "top_k": 4,
-    "penalty_alpha": 0.6,
-    "num_return_sequences": 1,
-}
+# The decoding flags only some modes read. They default to None on the command line
+# ("not given"), so one the chosen --decoding ignores is reported, not silently dropped;
+# DecodingConfig holds their real defaults.
+MODE_ONLY_FLAGS = sorted(set().union(*MODE_FLAGS.values()))
 
 
 @dataclass
@@ -94,17 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
         default="greedy",
         help="How both models generate (default: greedy).",
     )
-    g.add_argument("--max_new_tokens", type=int, default=100, help="Longest answer in tokens.")
-    g.add_argument("--num_beams", type=int, default=None, help="beam, diverse_beam (default 4).")
-    g.add_argument("--num_beam_groups", type=int, default=None, help="diverse_beam (default 2).")
-    g.add_argument("--top_k", type=int, default=None, help="sample, contrastive (default 4).")
-    g.add_argument("--penalty_alpha", type=float, default=None, help="contrastive (default 0.6).")
     g.add_argument(
-        "--num_return_sequences",
-        type=int,
-        default=None,
-        help="Answers per prompt: beam, sample, diverse_beam (default 1).",
+        "--max_new_tokens", type=int, default=100, help="Longest answer in tokens (default 100)."
     )
+    for name, kind, what in [
+        ("num_beams", int, "Beams"),
+        ("num_beam_groups", int, "Beam groups"),
+        ("top_k", int, "Candidates per step"),
+        ("penalty_alpha", float, "Degeneration penalty"),
+        ("num_return_sequences", int, "Answers per prompt"),
+    ]:
+        modes = ", ".join(mode for mode, flags in MODE_FLAGS.items() if name in flags)
+        g.add_argument(
+            f"--{name}",
+            type=kind,
+            default=None,
+            help=f"{what} ({modes}; default {getattr(DecodingConfig, name)}).",
+        )
     g.add_argument(
         "--batch_size", type=int, default=8, help="Prompts (and perplexity rows) per forward pass."
     )
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> PromptEvalConfig:
     args = build_parser().parse_args(argv)
     given = {
-        name: getattr(args, name) for name in DECODING_DEFAULTS if getattr(args, name) is not None
+        name: getattr(args, name) for name in MODE_ONLY_FLAGS if getattr(args, name) is not None
     }
     return PromptEvalConfig(
         models={role: getattr(args, flag.removeprefix("--")) for role, flag in ROLES.items()},
@@ -178,7 +179,7 @@ def parse_args(argv: list[str] | None = None) -> PromptEvalConfig:
             batch_size=args.batch_size,
             seed=args.seed,
             trust_remote_code=args.trust_remote_code,
-            **(DECODING_DEFAULTS | given),
+            **given,
         ),
         ignored_flags=sorted(set(given) - MODE_FLAGS[args.decoding]),
         language=args.language,
