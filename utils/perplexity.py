@@ -1,7 +1,8 @@
 """Perplexity of a causal LM on tokenised SFT rows ({"input_ids", "prompt_len"}).
 
-Token-weighted: the exponential of the mean loss over every scored token of every
-row, so a long answer counts for what it holds rather than one row one vote.
+Token-weighted: the exponential of the mean next-token loss over every non-pad
+token of every row (prompt and response, as main.py's evaluation scores them), so
+a long row counts for what it holds rather than one row one vote.
 """
 
 from __future__ import annotations
