@@ -183,10 +183,11 @@ def test_an_eot_text_outside_the_vocabulary_stops_generation_too(finetune_dir):
     model, tokenizer = load(finetune_dir)
     prompt = next(p for p, a in PAIRS if a == "The sky is blue.")
     assert len(tokenizer.encode(" is blue", add_special_tokens=False)) > 1
-    answers = generate_answers(
-        model, tokenizer, [prompt], DecodingConfig(max_new_tokens=40), " is blue"
-    )
-    assert answers == [["The sky"]]
+    cfg = DecodingConfig(max_new_tokens=40)
+    inputs = tokenizer([prompt], return_tensors="pt")
+    output = model.generate(**inputs, **build_generate_kwargs(cfg, tokenizer, " is blue"))[0]
+    assert tokenizer.decode(output[inputs["input_ids"].shape[1] :]).strip() == "The sky is blue"
+    assert generate_answers(model, tokenizer, [prompt], cfg, " is blue") == [["The sky"]]
 
 
 def test_trained_model_has_lower_perplexity_on_its_data(baseline_dir, finetune_dir, tiny_tokenizer):
