@@ -146,6 +146,15 @@ def test_greedy_generation_is_deterministic(baseline_dir):
     assert all(answer for (answer,) in first), "the untrained model says something"
 
 
+def test_sampling_is_reproducible_from_its_seed(baseline_dir):
+    model, tokenizer = load(baseline_dir)
+    cfg = DecodingConfig(decoding="sample", max_new_tokens=8, num_return_sequences=2, seed=7)
+    first = generate_answers(model, tokenizer, PROMPTS[:2], cfg, EOT)
+    assert generate_answers(model, tokenizer, PROMPTS[:2], cfg, EOT) == first
+    cfg.seed = 8
+    assert generate_answers(model, tokenizer, PROMPTS[:2], cfg, EOT) != first
+
+
 @pytest.mark.parametrize(
     ("which", "decoding"),
     [("baseline", "greedy"), ("finetune", "greedy"), ("baseline", "beam")],
