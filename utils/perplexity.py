@@ -15,15 +15,13 @@ from transformers import PreTrainedModel
 
 from utils.batching import collate
 from utils.config import DataConfig
+from utils.data import build_sft_data
 from utils.errors import UserError
 from utils.train import token_nll
 
 
 def load_eval_rows(cfg: DataConfig, tokenizer, max_rows: int | None) -> list[dict]:
     """The first `max_rows` (default all) eval rows of `cfg`, tokenised by the data layer."""
-    # Imported here so that prompt_eval without --eval_data_path never loads `datasets`.
-    from utils.data import build_sft_data
-
     rows = build_sft_data(cfg, tokenizer).eval
     if max_rows is not None:
         rows = rows.select(range(min(max_rows, len(rows))))

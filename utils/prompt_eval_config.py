@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.config import DataConfig, default_cache_dir
+from utils.data import check_data_config
 from utils.errors import UserError
 from utils.generation import DECODINGS, HUB_DECODINGS, MODE_FLAGS, DecodingConfig, check_model_path
 from utils.prompt_report import REPORT_FORMATS
@@ -239,9 +240,6 @@ def validate(cfg: PromptEvalConfig) -> None:
     if d.decoding == "contrastive" and not 0 < d.penalty_alpha <= 1:
         problems.append(f"--penalty_alpha {d.penalty_alpha}: must be in (0, 1]")
     if cfg.eval_data_path:
-        # Imported only here: the data layer pulls in `datasets`, which plain runs never need.
-        from utils.data import check_data_config
-
         # The data layer names main.py's flag; here the paths came from --eval_data_path.
         problems += [
             p.replace("--data_path", "--eval_data_path") for p in check_data_config(cfg.eval_data())
