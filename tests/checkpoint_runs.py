@@ -97,3 +97,11 @@ def losses(log: str) -> dict[int, str]:
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "model.safetensors")
+
+
+def train_metrics(out: Path) -> dict[int, tuple]:
+    """Step -> (loss, lr, grad_norm) at full precision, from the run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {
+        r["step"]: (r["loss"], r["lr"], r.get("grad_norm")) for r in rows if r["type"] == "train"
+    }

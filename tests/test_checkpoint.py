@@ -30,6 +30,7 @@ from checkpoint_runs import (
     run_env,
     run_to_end,
     start,
+    train_metrics,
     weights,
     write_data,
 )
@@ -55,9 +56,10 @@ def data_dir(tmp_path_factory) -> Path:
 def assert_same_run(resumed_log: str, out: Path, baseline: dict) -> int:
     """The resumed run continued from its checkpoint exactly as the uninterrupted run did."""
     resumed_at = int(RESUMED.search(resumed_log).group(1))
-    after = losses(resumed_log)
-    assert sorted(after) == list(range(resumed_at + 1, TOTAL_STEPS + 1))
-    assert after == {s: baseline["losses"][s] for s in after}
+    assert sorted(losses(resumed_log)) == list(range(resumed_at + 1, TOTAL_STEPS + 1))
+    # metrics.jsonl: the steps before the checkpoint from the killed run, the rest from
+    # the resumed one; every loss, learning rate and gradient norm at full precision.
+    assert train_metrics(out) == baseline["metrics"]
     final = weights(out)
     assert final.keys() == baseline["weights"].keys()
     for name, tensor in final.items():
@@ -70,11 +72,19 @@ def baseline(tmp_path_factory, tiny_model_dir, data_dir) -> dict:
     """One uninterrupted run (saving every 3 steps, keeping 2)."""
     out = tmp_path_factory.mktemp("baseline")
     log = run_to_end(main_command(tiny_model_dir, data_dir, out))
-    return {"losses": losses(log), "weights": weights(out), "out": out, "log": log}
+    return {
+        "losses": losses(log),
+        "metrics": train_metrics(out),
+        "weights": weights(out),
+        "out": out,
+        "log": log,
+    }
 
 
 def test_an_uninterrupted_run_keeps_only_the_newest_checkpoints(baseline):
-    assert sorted(baseline["losses"]) == list(range(1, TOTAL_STEPS + 1))
+    assert (
+        sorted(baseline["losses"]) == sorted(baseline["metrics"]) == list(range(1, TOTAL_STEPS + 1))
+    )
     # Every 3 steps and at the end of training; not at the end of epoch 1, which falls in
     # the middle of step 9's accumulation (those gradients would be in no checkpoint).
     saved = re.findall(r"saved checkpoint \S*checkpoint-(\d+)", baseline["log"])

@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from utils.batching import IGNORE_INDEX
 from utils.checkpoint import Checkpointer, DataPosition, skip_batches
 from utils.config import TrainConfig
+from utils.data import IGNORE_INDEX
 from utils.distributed import DistInfo, all_reduce_max, all_reduce_sum, print_rank_0
+from utils.progress import RunMonitor, grad_norm
 
 
 @dataclass
@@ -107,6 +108,7 @@ def train(
     dist: DistInfo,
     total_steps: int,
     fp32_loss: bool,
+    monitor: RunMonitor,
     run: Checkpointer,
     log_every: int = 10,
 ) -> list[EvalResult]:
@@ -135,11 +137,17 @@ def train(
             engine.step()
             tokens_seen += int(batch["attention_mask"].sum())
             step = engine.global_steps
+            monitor.advance(step)
             if boundary and (train_cfg.print_loss or step % log_every == 0 or step == total_steps):
                 elapsed = time.perf_counter() - started
-                print_rank_0(
-                    f"epoch {epoch + 1} step {step}/{total_steps} loss {loss.item():.4f} "
-                    f"lr {engine.get_lr()[0]:.3g} tokens/s/rank {tokens_seen / elapsed:.0f}"
+                monitor.log_step(
+                    step,
+                    epoch + 1,
+                    loss=loss.item(),
+                    lr=engine.get_lr()[0],
+                    grad_norm=grad_norm(engine),
+                    tokens_per_s_per_rank=tokens_seen / elapsed,
+                    skipped_steps=engine.skipped_steps,  # fp16 loss-scale overflows
                 )
             if boundary and run.after_step(engine, DataPosition(epoch, consumed)):
                 return results
@@ -147,6 +155,7 @@ def train(
                 break
         result = evaluate(engine, eval_loader, dist, fp32_loss)
         log_eval(result, f"Epoch {epoch + 1}/{train_cfg.num_train_epochs}")
+        monitor.log_eval(engine.global_steps, epoch + 1, result)
         results.append(result)
         if run.after_epoch(engine, DataPosition(epoch + 1, 0)):
             return results

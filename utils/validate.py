@@ -6,6 +6,7 @@ import os
 
 from utils.checkpoint import checkpoint_problems
 from utils.config import Config, ConfigError, ModelConfig
+from utils.data import check_data_config
 from utils.model import load_model_config, max_positions
 
 
@@ -29,7 +30,6 @@ def validate(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]:
         ("--per_device_eval_batch_size", t.per_device_eval_batch_size),
         ("--gradient_accumulation_steps", t.gradient_accumulation_steps),
         ("--num_train_epochs", t.num_train_epochs),
-        ("--max_seq_len", d.max_seq_len),
     ):
         if value < 1:
             problems.append(f"{flag} {value} must be at least 1.")
@@ -47,6 +47,7 @@ def validate(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]:
         problems.append(f"--lora_dim {lo.lora_dim} must be 0 (off) or a positive rank.")
     if lo.only_optimize_lora and not lo.enabled:
         problems.append("--only_optimize_lora needs LoRA: add --lora_dim 128 (or another rank).")
+    problems += check_data_config(d)
     problems += _dtype_problems(e.dtype, on_cuda, bf16_supported)
     if e.deepspeed_config and not os.path.isfile(e.deepspeed_config):
         problems.append(f"--deepspeed_config {e.deepspeed_config!r} does not exist.")
