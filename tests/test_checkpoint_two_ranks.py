@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -86,7 +87,7 @@ def test_two_ranks_preempted_by_sigterm_resume_exactly(
     out = tmp_path / "out"
     command = [*two_rank_command(tiny_model_dir, data_dir, out), "--resume_from_checkpoint", "auto"]
     proc = start(command)
-    read_until(proc, r"step 2/")
+    head = read_until(proc, r"step 2/")
     # What a scheduler does: signal every rank (here at slightly different moments).
     ranks = [
         p
@@ -98,7 +99,8 @@ def test_two_ranks_preempted_by_sigterm_resume_exactly(
         os.kill(rank.pid, signal.SIGTERM)
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == PREEMPTED_EXIT, log[-3000:]
-    stopped_at = max(losses(log))
+    stopped_at = int(re.search(r"stopping on .+ after step (\d+)", log).group(1))
+    assert stopped_at == max(losses(head + log))  # the step under way when the signal came
     assert (out / LATEST).read_text() == f"checkpoint-{stopped_at}"
     files = sorted(os.listdir(out / f"checkpoint-{stopped_at}"))
     assert [f for f in files if f.startswith("zero_pp_rank_")] == [
