@@ -20,14 +20,13 @@ from utils.lora import apply_lora, is_lora_parameter
 from utils.memory_planner import (
     GB,
     estimate_activations,
-    estimate_memory,
     estimate_model_states,
-    format_memory_plan,
     largest_fitting_model,
     measure_shape,
     plan_memory,
     scale_config,
 )
+from utils.memory_report import estimate_memory, format_memory_plan
 
 CONFIGS = {
     "opt": lambda: OPTConfig(
