@@ -134,13 +134,16 @@ def test_activations_follow_batch_checkpointing_and_lora():
 def test_largest_model_fits_and_one_size_up_does_not():
     cfg = parse_args(["--model_name_or_path", "x", "--zero_stage", "3", "--gpu_memory_gb", "40",
                       "--per_device_train_batch_size", "2", "--gradient_checkpointing"])  # fmt: skip
-    params, scaled = largest_fitting_model(OPT_7B, cfg)
-    assert plan_memory(measure_shape(scaled, cfg.lora), cfg).total_per_gpu <= 40 * GB
+    plan, scaled = largest_fitting_model(OPT_7B, cfg)
+    assert plan.total_per_gpu <= 40 * GB
+    assert plan_memory(measure_shape(scaled, cfg.lora), cfg).total_per_gpu == plan.total_per_gpu
     bigger = scale_config(OPT_7B, scaled.num_attention_heads + 1)
     assert plan_memory(measure_shape(bigger, cfg.lora), cfg).total_per_gpu > 40 * GB
     assert scaled.hidden_size // scaled.num_attention_heads == 128  # head size kept
     more = replace(cfg, planner=replace(cfg.planner, gpu_memory_gb=80))
-    assert largest_fitting_model(OPT_7B, more)[0] > params
+    assert largest_fitting_model(OPT_7B, more)[0].params > plan.params
+    tiny = replace(cfg, planner=replace(cfg.planner, gpu_memory_gb=0.01))
+    assert largest_fitting_model(OPT_7B, tiny) is None
 
 
 def test_scaled_llama_keeps_grouped_query_ratio():
@@ -179,3 +182,9 @@ def test_estimate_memory_reads_only_the_config_and_ends_with_json(tmp_path, caps
 def test_unmatched_lora_scope_is_reported_by_the_planner_too():
     with pytest.raises(UserError, match="--lora_module_name"):
         measure_shape(CONFIGS["llama"](), LoraConfig(lora_dim=4, lora_module_name="nope"))
+
+
+def test_missing_model_config_is_a_user_error(tmp_path):
+    cfg = parse_args(["--model_name_or_path", str(tmp_path / "absent")])
+    with pytest.raises(UserError, match="--model_name_or_path"):
+        estimate_memory(cfg)

@@ -23,6 +23,7 @@ from utils.config import Config, EngineConfig, LoraConfig, PlannerConfig
 from utils.lora import resolve_lora_targets
 
 GB = 2**30
+MAX_HEADS = 1 << 12
 BUFFER_FACTOR = 1.5  # DeepSpeed's default `additional_buffer_factor` for host memory
 FFN_KEYS = ("intermediate_size", "ffn_dim", "n_inner")
 
@@ -219,6 +220,10 @@ class MemoryPlan:
     activations: int
 
     @property
+    def params(self) -> int:
+        return self.shape.total_params + self.shape.lora_params
+
+    @property
     def total_per_gpu(self) -> int:
         return self.states.total + self.activations
 
@@ -264,22 +269,27 @@ def scale_config(config: PretrainedConfig, heads: int) -> PretrainedConfig:
 
 def largest_fitting_model(
     config: PretrainedConfig, cfg: Config
-) -> tuple[int, PretrainedConfig | None]:
-    """Parameter count (and config) of the largest scaled model within --gpu_memory_gb per GPU."""
+) -> tuple[MemoryPlan, PretrainedConfig] | None:
+    """Plan and config of the largest scaled model within --gpu_memory_gb per GPU.
+
+    Only GPU memory bounds the search: with --offload check the host memory it
+    reports. Searching stops at MAX_HEADS attention heads.
+    """
     budget = cfg.planner.gpu_memory_gb * GB
 
-    def fits(heads: int) -> tuple[bool, ModelShape, PretrainedConfig]:
+    def plan(heads: int) -> tuple[MemoryPlan, PretrainedConfig]:
         scaled = scale_config(config, heads)
-        shape = measure_shape(scaled, cfg.lora)
-        return plan_memory(shape, cfg).total_per_gpu <= budget, shape, scaled
+        return plan_memory(measure_shape(scaled, cfg.lora), cfg), scaled
 
-    if not fits(1)[0]:
-        return 0, None
+    def fits(heads: int) -> bool:
+        return plan(heads)[0].total_per_gpu <= budget
+
+    if not fits(1):
+        return None
     low, high = 1, 2
-    while fits(high)[0] and high < 1 << 14:  # grow until it no longer fits
+    while high < MAX_HEADS and fits(high):  # grow until it no longer fits
         low, high = high, high * 2
-    while high - low > 1:  # invariant: low fits, high does not
+    while high - low > 1:  # invariant: low fits, high does not (or is the cap)
         mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid)[0] else (low, mid)
-    _, shape, scaled = fits(low)
-    return shape.total_params + shape.lora_params, scaled
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return plan(high if high == MAX_HEADS and fits(high) else low)

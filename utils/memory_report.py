@@ -12,20 +12,28 @@ from dataclasses import asdict
 from transformers import AutoConfig, PretrainedConfig
 
 from utils.config import Config
+from utils.errors import UserError
 from utils.memory_planner import GB, largest_fitting_model, measure_shape, plan_memory
 
 RULE_OF_THUMB_GB_PER_BILLION = 3  # README: GPU GB / 3 = billions of params (ZeRO-3+GC+LoRA)
 
 
 def load_model_config(model_name_or_path: str, trust_remote_code: bool) -> PretrainedConfig:
-    return AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as err:  # missing folder, unreachable hub, no config.json
+        raise UserError(
+            f"--model_name_or_path {model_name_or_path!r}: cannot read its config.json ({err}). "
+            "Pass a local model folder or a hub name that is cached."
+        ) from err
 
 
 def estimate_memory(cfg: Config) -> dict:
     """The planner's figures for this run, as the JSON summary line reports them."""
     config = load_model_config(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
     plan = plan_memory(measure_shape(config, cfg.lora), cfg)
-    largest, scaled = largest_fitting_model(config, cfg)
+    largest = largest_fitting_model(config, cfg)
+    largest_params = largest[0].params if largest else 0
     rule = cfg.planner.gpu_memory_gb / RULE_OF_THUMB_GB_PER_BILLION * 1e9
     return {
         "model_params": plan.shape.total_params,
@@ -41,17 +49,16 @@ def estimate_memory(cfg: Config) -> dict:
         "model_states_source": plan.states.source,
         "gpu_memory_gb": cfg.planner.gpu_memory_gb,
         "fits": plan.total_per_gpu <= cfg.planner.gpu_memory_gb * GB,
-        "largest_model_params": largest,
-        "largest_model_shape": _shape_summary(scaled),
+        "largest_model_params": largest_params,
+        "largest_model_shape": _shape_summary(largest[1]) if largest else None,
+        "largest_model_cpu_gb_per_node": largest[0].states.cpu_per_node / GB if largest else 0,
         "rule_of_thumb_params": int(rule),
-        "rule_of_thumb_holds": largest >= rule,
+        "rule_of_thumb_holds": largest_params >= rule,
         "shape": asdict(plan.shape),
     }
 
 
-def _shape_summary(config: PretrainedConfig | None) -> dict | None:
-    if config is None:
-        return None
+def _shape_summary(config: PretrainedConfig) -> dict:
     return {
         "hidden_size": config.hidden_size,
         "num_hidden_layers": config.num_hidden_layers,
@@ -92,7 +99,8 @@ def format_memory_plan(summary: dict, cfg: Config) -> str:
         "communication buckets (~1-3 GB).",
         f"  fits {cfg.planner.gpu_memory_gb:g} GB per GPU: {'yes' if summary['fits'] else 'NO'}; "
         f"largest model of this family and shape ratio that fits: "
-        f"{summary['largest_model_params'] / 1e9:.2f}B parameters {summary['largest_model_shape']}",
+        f"{summary['largest_model_params'] / 1e9:.2f}B parameters {summary['largest_model_shape']}"
+        f" (host memory per node: {summary['largest_model_cpu_gb_per_node']:.0f} GB)",
         f"  README rule of thumb ({cfg.planner.gpu_memory_gb:g} GB / "
         f"{RULE_OF_THUMB_GB_PER_BILLION} = {summary['rule_of_thumb_params'] / 1e9:.1f}B params, "
         f"meant for ZeRO-3 + gradient checkpointing + LoRA): "
