@@ -49,6 +49,7 @@ class DataConfig:
     seed: int = 1234
     eot_token: str = "<|endoftext|>"
     rebuild_data_cache: bool = False
+    num_proc: int = 0  # tokenising processes; 0 picks by data size
 
 
 @dataclass
@@ -132,62 +133,132 @@ def build_parser() -> argparse.ArgumentParser:
         "(DeepSpeed-Chat step 1 compatible command line)."
     )
     d = p.add_argument_group("data")
-    d.add_argument("--data_path", nargs="*", default=["Dahoas/rm-static"],
-                   help="Data sets: hub names (e.g. Dahoas/rm-static), 'local/jsonfile', or local "
-                   "files/folders. Several are blended.")
-    d.add_argument("--data_split", type=str, default="2,4,4",
-                   help="Comma-separated weights splitting each data set between the three "
-                   "training phases; SFT uses the first. '10,0,0' uses every row for SFT.")
-    d.add_argument("--sft_only_data_path", nargs="*", default=[],
-                   help="Data sets used only for SFT: not split, every row trains.")
-    d.add_argument("--data_output_path", type=str, default=None,
-                   help="Where the tokenised-data cache lives (default: a per-user cache folder).")
-    d.add_argument("--rebuild_data_cache", action="store_true",
-                   help="Ignore any cached tokenised data and build it again.")
-    d.add_argument("--max_seq_len", type=int, default=512,
-                   help="Longest sequence in tokens; longer examples are truncated.")
+    d.add_argument(
+        "--data_path",
+        nargs="*",
+        default=["Dahoas/rm-static"],
+        help="Data sets: hub names (e.g. Dahoas/rm-static), 'local/jsonfile', or local "
+        "files/folders. Several are blended; NAME:WEIGHT (e.g. Dahoas/rm-static:0.5) "
+        "up- or down-samples one set's training rows.",
+    )
+    d.add_argument(
+        "--data_split",
+        type=str,
+        default="2,4,4",
+        help="Comma-separated weights splitting each data set between the three "
+        "training phases; SFT uses the first. '10,0,0' uses every row for SFT.",
+    )
+    d.add_argument(
+        "--sft_only_data_path",
+        nargs="*",
+        default=[],
+        help="Data sets used only for SFT: not split, every row trains.",
+    )
+    d.add_argument(
+        "--data_output_path",
+        type=str,
+        default=None,
+        help="Where the tokenised-data cache lives (default: a per-user cache folder).",
+    )
+    d.add_argument(
+        "--rebuild_data_cache",
+        action="store_true",
+        help="Ignore any cached tokenised data and build it again.",
+    )
+    d.add_argument(
+        "--data_num_proc",
+        type=int,
+        default=0,
+        help="Processes that tokenise the data (default 0: several only for large data).",
+    )
+    d.add_argument(
+        "--max_seq_len",
+        type=int,
+        default=512,
+        help="Longest sequence in tokens; longer examples are truncated.",
+    )
 
     m = p.add_argument_group("model")
-    m.add_argument("--model_name_or_path", type=str, required=True,
-                   help="A hub model name or a local folder with a saved model and tokenizer.")
-    m.add_argument("--trust_remote_code", action="store_true",
-                   help="Allow model code from the model's repository (off by default: it runs code).")
-    m.add_argument("--dropout", type=float, default=None,
-                   help="Override the model's dropout probabilities (default: the model's own).")
-    m.add_argument("--gradient_checkpointing", action="store_true",
-                   help="Recompute activations in the backward pass to save memory.")
-    m.add_argument("--compute_fp32_loss", action="store_true",
-                   help="Compute the loss in fp32 even when training in fp16/bf16.")
-    m.add_argument("--add_eot_token", action="store_true",
-                   help="Add --eot_token to the tokenizer as a special token.")
-    m.add_argument("--eot_token", type=str, default="<|endoftext|>",
-                   help="End-of-conversation token appended to every example.")
+    m.add_argument(
+        "--model_name_or_path",
+        type=str,
+        required=True,
+        help="A hub model name or a local folder with a saved model and tokenizer.",
+    )
+    m.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="Allow model code from the model's repository (off by default: it runs code).",
+    )
+    m.add_argument(
+        "--dropout",
+        type=float,
+        default=None,
+        help="Override the model's dropout probabilities (default: the model's own).",
+    )
+    m.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute activations in the backward pass to save memory.",
+    )
+    m.add_argument(
+        "--compute_fp32_loss",
+        action="store_true",
+        help="Compute the loss in fp32 even when training in fp16/bf16.",
+    )
+    m.add_argument(
+        "--add_eot_token",
+        action="store_true",
+        help="Add --eot_token to the tokenizer as a special token.",
+    )
+    m.add_argument(
+        "--eot_token",
+        type=str,
+        default="<|endoftext|>",
+        help="End-of-conversation token appended to every example.",
+    )
 
     t = p.add_argument_group("training")
     t.add_argument("--per_device_train_batch_size", type=int, default=16)
     t.add_argument("--per_device_eval_batch_size", type=int, default=16)
-    t.add_argument("--learning_rate", type=float, default=1e-3,
-                   help="Initial learning rate (after warmup).")
+    t.add_argument(
+        "--learning_rate", type=float, default=1e-3, help="Initial learning rate (after warmup)."
+    )
     t.add_argument("--weight_decay", type=float, default=0.0)
     t.add_argument("--num_train_epochs", type=int, default=1)
     t.add_argument("--gradient_accumulation_steps", type=int, default=1)
     t.add_argument("--lr_scheduler_type", type=str, default="cosine", choices=SCHEDULERS)
     t.add_argument("--num_warmup_steps", type=int, default=0)
-    t.add_argument("--max_steps", type=int, default=None,
-                   help="Stop after this many optimizer steps (smoke runs).")
-    t.add_argument("--output_dir", type=str, default=None,
-                   help="Where the fine-tuned model is written.")
+    t.add_argument(
+        "--max_steps",
+        type=int,
+        default=None,
+        help="Stop after this many optimizer steps (smoke runs).",
+    )
+    t.add_argument(
+        "--output_dir", type=str, default=None, help="Where the fine-tuned model is written."
+    )
     t.add_argument("--seed", type=int, default=1234)
     t.add_argument("--print_loss", action="store_true", help="Print the loss of every step.")
-    t.add_argument("--dry_run", action="store_true",
-                   help="Validate, build data and model config, print a JSON summary, do not train.")
+    t.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="Validate, build data and model config, print a JSON summary, do not train.",
+    )
 
     lo = p.add_argument_group("LoRA")
     lo.add_argument("--lora_dim", type=int, default=0, help="LoRA rank; > 0 enables LoRA.")
-    lo.add_argument("--lora_module_name", type=str, default="decoder.layers.",
-                    help="LoRA wraps every linear layer whose qualified name contains this.")
-    lo.add_argument("--only_optimize_lora", action="store_true",
-                    help="Train only the LoRA weights; freeze the rest.")
+    lo.add_argument(
+        "--lora_module_name",
+        type=str,
+        default="decoder.layers.",
+        help="LoRA wraps every linear layer whose qualified name contains this.",
+    )
+    lo.add_argument(
+        "--only_optimize_lora",
+        action="store_true",
+        help="Train only the LoRA weights; freeze the rest.",
+    )
     lo.add_argument("--lora_learning_rate", type=float, default=5e-4)
     lo.add_argument("--save_lora_adapter", action="store_true",
                     help="Also write the PEFT adapter folder (output_dir/lora_adapter); the "
@@ -206,10 +277,18 @@ def build_parser() -> argparse.ArgumentParser:
     e = p.add_argument_group("engine")
     e.add_argument("--local_rank", type=int, default=-1, help="Set by the DeepSpeed launcher.")
     e.add_argument("--zero_stage", type=int, default=0, help="ZeRO stage: 0, 1, 2 or 3.")
-    e.add_argument("--offload", action="store_true",
-                   help="Offload optimizer states (and parameters at ZeRO-3) to CPU memory.")
-    e.add_argument("--dtype", type=str, default="auto", choices=DTYPES,
-                   help="Training precision; 'auto' picks bf16/fp16 on GPUs and fp32 on CPU.")
+    e.add_argument(
+        "--offload",
+        action="store_true",
+        help="Offload optimizer states (and parameters at ZeRO-3) to CPU memory.",
+    )
+    e.add_argument(
+        "--dtype",
+        type=str,
+        default="auto",
+        choices=DTYPES,
+        help="Training precision; 'auto' picks bf16/fp16 on GPUs and fp32 on CPU.",
+    )
     e.add_argument("--enable_tensorboard", action="store_true")
     e.add_argument("--tensorboard_path", type=str, default="step1_tensorboard")
     _add_deepspeed_arguments(p)
@@ -245,6 +324,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
             seed=args.seed,
             eot_token=args.eot_token,
             rebuild_data_cache=args.rebuild_data_cache,
+            num_proc=args.data_num_proc,
         ),
         lora=LoraConfig(
             lora_dim=args.lora_dim,

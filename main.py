@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Supervised fine-tuning of a causal language model with DeepSpeed.
+
+DeepSpeed-Chat step 1's command line, e.g.
+
+    deepspeed main.py --model_name_or_path facebook/opt-1.3b --data_path Dahoas/rm-static \
+        --zero_stage 2 --output_dir ./output
+
+Runs under `deepspeed`, `torchrun` or plain `python` (a one-rank group).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import deepspeed
+from deepspeed.accelerator import get_accelerator
+from transformers import set_seed
+
+from utils.batching import build_eval_loader, build_train_loader
+from utils.config import Config, parse_args
+from utils.data import SFTData, build_sft_data
+from utils.distributed import DistInfo, init_distributed, print_rank_0, rank_zero_first
+from utils.ds_config import build_ds_config
+from utils.errors import UserError
+from utils.model import build_model, count_parameters, load_tokenizer
+from utils.optim import build_optimizer, build_param_groups, build_scheduler
+from utils.save import save_hf_model
+from utils.train import evaluate, log_eval, train
+from utils.validate import check_config, resolve_dtype
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(argv)
+        dtype = check_flags(cfg)
+        dist = init_distributed(cfg.engine.local_rank)
+        set_seed(cfg.train.seed)
+        tokenizer = load_tokenizer(cfg.model)
+        with rank_zero_first():  # rank 0 tokenises and caches; the others then read the cache
+            data = build_sft_data(cfg.data, tokenizer)
+        ds_config = build_ds_config(cfg.engine, cfg.train, dist.world_size, dtype)
+        if cfg.train.dry_run:
+            return dry_run(cfg, tokenizer, data, ds_config)
+        model = build_model(cfg.model, tokenizer, ds_config)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    engine, total_steps = build_engine(cfg, model, ds_config, len(data.train), dist)
+    train_loader = build_train_loader(
+        data.train,
+        cfg.train.per_device_train_batch_size,
+        tokenizer.pad_token_id,
+        cfg.train.seed,
+        dist.rank,
+        dist.world_size,
+    )
+    eval_loader = build_eval_loader(
+        data.eval,
+        cfg.train.per_device_eval_batch_size,
+        tokenizer.pad_token_id,
+        dist.rank,
+        dist.world_size,
+    )
+    fp32_loss = cfg.model.compute_fp32_loss
+    log_eval(evaluate(engine, eval_loader, dist, fp32_loss), "Epoch 0 (before training)")
+    train(engine, train_loader, eval_loader, cfg.train, dist, total_steps, fp32_loss)
+    save_hf_model(engine.module, tokenizer, cfg.train.output_dir, cfg.engine.zero_stage)
+    print_rank_0(f"saved the fine-tuned model to {cfg.train.output_dir}")
+    return 0
+
+
+def check_flags(cfg: Config) -> str:
+    """Validate every flag (one error listing all problems); return the resolved dtype."""
+    accelerator = get_accelerator()
+    on_cuda = accelerator.device_name() == "cuda"
+    bf16 = accelerator.is_bf16_supported()
+    check_config(cfg, on_cuda, bf16)
+    return resolve_dtype(cfg.engine.dtype, on_cuda, bf16)
+
+
+def build_engine(cfg: Config, model, ds_config: dict, train_rows: int, dist: DistInfo):
+    """The DeepSpeed engine around the model, its optimizer and LR schedule."""
+    total_steps = cfg.train.total_steps(train_rows, dist.world_size)
+    optimizer = build_optimizer(
+        build_param_groups(model, cfg.train, cfg.lora),
+        cfg.train,
+        on_cuda=dist.device.type == "cuda",
+        offload=cfg.engine.offload,
+    )
+    scheduler = build_scheduler(optimizer, cfg.train, total_steps)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine, total_steps
+
+
+def dry_run(cfg: Config, tokenizer, data: SFTData, ds_config: dict) -> int:
+    """Print what a run would do as one JSON line (the last line of stdout); train nothing."""
+    model = build_model(cfg.model, tokenizer, ds_config, on_meta=True)
+    total, trainable = count_parameters(model)
+    summary = {
+        "train_rows": len(data.train),
+        "eval_rows": len(data.eval),
+        "train_tokens": data.train_tokens,
+        "sources": [
+            {"name": s.name, "train_rows": s.train_rows, "eval_rows": s.eval_rows}
+            for s in data.sources
+        ],
+        "parameters": total,
+        "trainable_parameters": trainable,
+        "deepspeed_config": ds_config,
+    }
+    print_rank_0(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

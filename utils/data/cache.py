@@ -1,0 +1,48 @@
+"""The tokenised-data cache: Arrow folders keyed by everything that changes their contents.
+
+A cache entry appears in one os.replace of a finished folder, so readers never see a
+half-written one; builders serialise on a file lock, so two runs sharing the folder
+build once and never corrupt it. Nothing is pickled: Arrow data plus a JSON summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any
+
+from datasets import load_from_disk
+
+from utils.data.common import SFTData, SourceStats
+
+SUMMARY = "sources.json"  # written last: its presence marks a complete entry
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def load_cached(folder: str) -> SFTData | None:
+    if not os.path.isfile(os.path.join(folder, SUMMARY)):
+        return None
+    with open(os.path.join(folder, SUMMARY), encoding="utf-8") as f:
+        sources = [SourceStats(**s) for s in json.load(f)]
+    return SFTData(
+        train=load_from_disk(os.path.join(folder, "train")),
+        eval=load_from_disk(os.path.join(folder, "eval")),
+        sources=sources,
+    )
+
+
+def save_cached(data: SFTData, folder: str, work_dir: str) -> None:
+    """Write into work_dir (same file system), then swap it in with one rename."""
+    staged = os.path.join(work_dir, "entry")
+    data.train.save_to_disk(os.path.join(staged, "train"))
+    data.eval.save_to_disk(os.path.join(staged, "eval"))
+    with open(os.path.join(staged, SUMMARY), "w", encoding="utf-8") as f:
+        json.dump([dataclasses.asdict(s) for s in data.sources], f, indent=1)
+    if os.path.exists(folder):  # a forced rebuild: move the old entry out of the way first
+        os.replace(folder, os.path.join(work_dir, "replaced"))
+    os.replace(staged, folder)

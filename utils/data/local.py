@@ -1,0 +1,125 @@
+"""Local data on disk: single files, folders of split files, and save_to_disk folders."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+
+import pyarrow
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets.exceptions import DatasetGenerationError
+
+from utils.data.common import DataError
+
+BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+EVAL_SPLITS = ("eval", "validation", "valid", "dev", "test")
+
+
+def is_saved_dataset(path: str) -> bool:
+    """A folder written by Dataset(Dict).save_to_disk."""
+    names = ("dataset_dict.json", "state.json")
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, n)) for n in names)
+
+
+def load_local(path: str, cache_dir: str, eval_splits: tuple[str, ...] = ()) -> dict[str, Dataset]:
+    """{"train": rows[, "eval": rows]} from a file or folder; eval split names tried in order."""
+    eval_splits = (*eval_splits, *EVAL_SPLITS)
+    if is_saved_dataset(path):
+        return _pick_splits(_load_saved(path), path, eval_splits)
+    if os.path.isfile(path):
+        return {"train": load_files([path], cache_dir)}
+    if os.path.isdir(path):
+        found = find_split_files(path)
+        return _pick_splits(
+            {k: load_files(v, cache_dir) for k, v in found.items()}, path, eval_splits
+        )
+    raise DataError(f"data path {path!r} does not exist")
+
+
+def _load_saved(path: str) -> dict[str, Dataset]:
+    saved = load_from_disk(path)
+    return dict(saved) if isinstance(saved, DatasetDict) else {"train": saved}
+
+
+def _pick_splits(splits: dict[str, Dataset], path: str, eval_splits: tuple[str, ...]) -> dict:
+    if "train" not in splits:
+        raise DataError(
+            f"{path}: no train split; found {sorted(splits) or 'no data files'}. Name the "
+            "training file train.jsonl/.json/.csv/.parquet (and the eval file eval.*, "
+            "validation.* or test.*), or pass a single file"
+        )
+    picked = {"train": splits["train"]}
+    eval_name = next((name for name in eval_splits if name in splits), None)
+    if eval_name:
+        picked["eval"] = splits[eval_name]
+    return picked
+
+
+def find_split_files(folder: str) -> dict[str, list[str]]:
+    """Data files in `folder` (or its data/ subfolder, the hub layout) grouped by split name.
+
+    A file's split is the first word of its name: train.jsonl, test-00000-of-00001.parquet.
+    """
+    found: dict[str, list[str]] = {}
+    for base in (folder, os.path.join(folder, "data")):
+        if not os.path.isdir(base):
+            continue
+        for name in sorted(os.listdir(base)):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() in BUILDERS and os.path.isfile(os.path.join(base, name)):
+                split = re.split(r"[^a-zA-Z]", stem, maxsplit=1)[0].lower()
+                found.setdefault(split, []).append(os.path.join(base, name))
+    return found
+
+
+def load_files(files: list[str], cache_dir: str) -> Dataset:
+    builders = {BUILDERS.get(os.path.splitext(f)[1].lower()) for f in files}
+    if len(builders) != 1 or None in builders:
+        raise DataError(
+            f"cannot read {files}: use one of the formats {sorted(BUILDERS)} for every file of a split"
+        )
+    builder = builders.pop()
+    try:
+        return load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
+    except (DatasetGenerationError, pyarrow.ArrowException, ValueError) as err:
+        cause = err.__cause__ or err
+        problem = _find_bad_json(files) if builder == "json" else None
+        raise DataError(problem or f"cannot read {files}: {cause}") from err
+
+
+def _find_bad_json(files: list[str]) -> str | None:
+    """File and line of the first malformed JSON record (pyarrow's error names neither)."""
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if text.lstrip().startswith("["):
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as err:
+                return f"{path}:{err.lineno}: malformed JSON ({err.msg})"
+            continue
+        for number, line in enumerate(text.splitlines(), start=1):
+            try:
+                if line.strip() and not isinstance(json.loads(line), dict):
+                    return f"{path}:{number}: expected a JSON object per line"
+            except json.JSONDecodeError as err:
+                return f"{path}:{number}: malformed JSON line ({err.msg})"
+    return None
+
+
+def fingerprint_path(path: str) -> str:
+    """Content hash of a file or of every file under a folder (names included)."""
+    digest = hashlib.sha256()
+    files = (
+        [path]
+        if os.path.isfile(path)
+        else sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+    )
+    for file in files:
+        digest.update(os.path.relpath(file, path).encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()

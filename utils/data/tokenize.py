@@ -1,0 +1,80 @@
+"""Tokenise (prompt, response) rows into {"input_ids", "prompt_len"} with batched datasets.map."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from datasets import Dataset, Features, List, Value
+from transformers import PreTrainedTokenizerBase
+
+# Below this many rows, worker start-up and pickling the tokenizer cost more than they save.
+PARALLEL_MIN_ROWS = 50_000
+# Extra column dropped before the result is returned; it feeds the per-source statistics.
+TRUNCATED = "truncated"
+FEATURES = Features(
+    {"input_ids": List(Value("int32")), "prompt_len": Value("int32"), TRUNCATED: Value("bool")}
+)
+
+
+def tokenize_rows(
+    rows: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_len: int,
+    eot_token: str,
+    cache_file: str,
+    num_proc: int = 0,
+) -> Dataset:
+    """input_ids = tokenizer(prompt) + tokenizer(response + eot, no specials), cut at max_seq_len.
+
+    prompt_len counts the leading prompt tokens (clipped to the row length) so the
+    collator can mask the prompt from the loss.
+    """
+
+    def tokenize_batch(batch: dict[str, list[str]]) -> dict[str, list]:
+        prompts = tokenizer(batch["prompt"], return_attention_mask=False)["input_ids"]
+        responses = tokenizer(
+            [r + eot_token for r in batch["response"]],
+            add_special_tokens=False,
+            return_attention_mask=False,
+        )["input_ids"]
+        ids = [p + r for p, r in zip(prompts, responses, strict=True)]
+        return {
+            "input_ids": [x[:max_seq_len] for x in ids],
+            "prompt_len": [min(len(p), max_seq_len) for p in prompts],
+            TRUNCATED: [len(x) > max_seq_len for x in ids],
+        }
+
+    if len(rows) == 0:  # map() on no rows cannot infer the new columns
+        return Dataset.from_dict({name: [] for name in FEATURES}, features=FEATURES)
+    return rows.map(
+        tokenize_batch,
+        batched=True,
+        remove_columns=rows.column_names,
+        features=FEATURES,
+        num_proc=pick_num_proc(len(rows), num_proc),
+        cache_file_name=cache_file,
+        load_from_cache_file=False,
+        desc="Tokenising",
+    )
+
+
+def pick_num_proc(rows: int, requested: int) -> int | None:
+    """`requested` if set (> 0), else several processes only for data large enough to pay."""
+    if requested > 0:
+        return requested if requested > 1 else None
+    workers = min(os.cpu_count() or 1, 8, rows // PARALLEL_MIN_ROWS)
+    return workers if workers > 1 else None
+
+
+def fingerprint_tokenizer(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Identity of everything that decides the ids: vocabulary, merges, special tokens, template."""
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return digest.hexdigest()

@@ -1,0 +1,76 @@
+"""The DeepSpeed configuration, built from the flags as a plain dict (a pure function)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from utils.config import EngineConfig, TrainConfig
+from utils.errors import UserError
+
+
+def build_ds_config(engine: EngineConfig, train: TrainConfig, world_size: int, dtype: str) -> dict:
+    """ZeRO stage, offload, precision, batch geometry, clipping and TensorBoard.
+
+    `dtype` is the resolved precision (fp32, fp16 or bf16). A --deepspeed_config file, if
+    given, is merged over the result so its keys win.
+    """
+    micro = train.per_device_train_batch_size
+    accumulation = train.gradient_accumulation_steps
+    zero: dict = {
+        "stage": engine.zero_stage,
+        # Parameters small enough to stay whole on every rank at ZeRO-3 (saves gathers).
+        "stage3_param_persistence_threshold": 1e4,
+        "stage3_max_live_parameters": 3e7,
+        "stage3_prefetch_bucket_size": 3e7,
+        "memory_efficient_linear": False,
+    }
+    if engine.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if engine.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    config = {
+        "train_batch_size": engine.global_batch(micro, world_size, accumulation),
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        # We log ourselves; DeepSpeed's own periodic prints would interleave with ours.
+        "steps_per_print": 2**31 - 1,
+        "zero_optimization": zero,
+        "fp16": {"enabled": dtype == "fp16", "loss_scale_window": 100},
+        "bf16": {"enabled": dtype == "bf16"},
+        "gradient_clipping": 1.0,
+        "prescale_gradients": False,
+        "wall_clock_breakdown": False,
+    }
+    if engine.enable_tensorboard:
+        config["tensorboard"] = {
+            "enabled": True,
+            "output_path": os.path.join(engine.tensorboard_path, "ds_tensorboard_logs"),
+            "job_name": "step1_model_tensorboard",
+        }
+    if engine.deepspeed_config:
+        config = _merge(config, load_user_ds_config(engine.deepspeed_config))
+    return config
+
+
+def load_user_ds_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            user = json.load(f)
+    except OSError as err:
+        raise UserError(f"--deepspeed_config {path!r} cannot be read ({err.strerror}).") from err
+    except json.JSONDecodeError as err:
+        raise UserError(f"--deepspeed_config {path!r} is not valid JSON: {err}.") from err
+    if not isinstance(user, dict):
+        raise UserError(f"--deepspeed_config {path!r} must hold a JSON object.")
+    return user
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,143 @@
+"""The training loop and evaluation."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from utils.batching import IGNORE_INDEX
+from utils.config import TrainConfig
+from utils.distributed import DistInfo, all_reduce_max, all_reduce_sum, print_rank_0
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    perplexity: float
+    tokens: int
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor, fp32: bool) -> tuple[torch.Tensor, int]:
+    """Summed next-token negative log-likelihood over non-ignored labels, and their count.
+
+    logits: [B, T, V]; labels: [B, T] (IGNORE_INDEX where no loss applies).
+    """
+    shifted_logits = logits[:, :-1, :]
+    shifted_labels = labels[:, 1:]
+    if fp32:
+        shifted_logits = shifted_logits.float()
+    nll = F.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.size(-1)),
+        shifted_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return nll, int((shifted_labels != IGNORE_INDEX).sum())
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def forward_nll(engine, batch: dict[str, torch.Tensor], fp32: bool) -> tuple[torch.Tensor, int]:
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = engine(**inputs, use_cache=False).logits
+    return token_nll(logits, labels, fp32)
+
+
+@torch.no_grad()
+def evaluate(engine, loader: DataLoader, dist: DistInfo, fp32_loss: bool) -> EvalResult:
+    """Token-weighted loss and perplexity over every eval row, each counted once across ranks.
+
+    Ranks can hold different numbers of batches; at ZeRO-3 each forward is a collective,
+    so ranks that run out repeat a batch with zero weight until all are done.
+    """
+    engine.eval()
+    batches = list(loader)
+    rounds = all_reduce_max(len(batches), dist.device)
+    nll_sum, tokens = 0.0, 0
+    for i in range(rounds):
+        batch = to_device(batches[min(i, len(batches) - 1)], dist.device) if batches else None
+        if batch is None:  # a rank with no rows at all still joins the collectives
+            batch = to_device(_empty_like_batch(dist.device), dist.device)
+        nll, count = forward_nll(engine, batch, fp32_loss)
+        if i < len(batches):
+            nll_sum += float(nll)
+            tokens += count
+    nll_sum, tokens = all_reduce_sum([nll_sum, tokens], dist.device)
+    engine.train()
+    loss = nll_sum / max(tokens, 1)
+    return EvalResult(loss=loss, perplexity=_safe_exp(loss), tokens=int(tokens))
+
+
+def _empty_like_batch(device: torch.device) -> dict[str, torch.Tensor]:
+    ids = torch.zeros((1, 8), dtype=torch.long, device=device)
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.full_like(ids, IGNORE_INDEX),
+    }
+
+
+def _safe_exp(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+def log_eval(result: EvalResult, label: str) -> None:
+    # "ppl: <value>, loss: <value>" is DeepSpeed-Chat's format; log parsers rely on it.
+    print_rank_0(f"***** Evaluating perplexity, {label} *****")
+    print_rank_0(f"ppl: {result.perplexity}, loss: {result.loss}")
+
+
+def train(
+    engine,
+    train_loader: DataLoader,
+    eval_loader: DataLoader,
+    train_cfg: TrainConfig,
+    dist: DistInfo,
+    total_steps: int,
+    fp32_loss: bool,
+    log_every: int = 10,
+) -> list[EvalResult]:
+    """Run the epochs; evaluate after each. Returns the per-epoch eval results."""
+    results = []
+    for epoch in range(train_cfg.num_train_epochs):
+        # A new order every epoch (DeepSpeed-Chat never tells its sampler the epoch).
+        train_loader.sampler.set_epoch(epoch)
+        print_rank_0(
+            f"Beginning of Epoch {epoch + 1}/{train_cfg.num_train_epochs}, "
+            f"Total Micro Batches {len(train_loader)}"
+        )
+        started, tokens_seen = time.perf_counter(), 0
+        for batch in train_loader:
+            batch = to_device(batch, dist.device)
+            nll, count = forward_nll(engine, batch, fp32_loss)
+            loss = nll / max(count, 1)
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            tokens_seen += int(batch["attention_mask"].sum())
+            step = engine.global_steps
+            if boundary and (train_cfg.print_loss or step % log_every == 0 or step == total_steps):
+                elapsed = time.perf_counter() - started
+                print_rank_0(
+                    f"epoch {epoch + 1} step {step}/{total_steps} loss {loss.item():.4f} "
+                    f"lr {engine.get_lr()[0]:.3g} tokens/s/rank {tokens_seen / elapsed:.0f}"
+                )
+            if boundary and step >= total_steps:
+                break
+        result = evaluate(engine, eval_loader, dist, fp32_loss)
+        log_eval(result, f"Epoch {epoch + 1}/{train_cfg.num_train_epochs}")
+        results.append(result)
+        if engine.global_steps >= total_steps:
+            break
+    return results

@@ -1,0 +1,104 @@
+"""Check every flag once, before any expensive work, and report all problems together."""
+
+from __future__ import annotations
+
+import os
+
+from utils.config import Config, ConfigError, ModelConfig
+from utils.model import load_model_config, max_positions
+
+
+def resolve_dtype(requested: str, on_cuda: bool, bf16_supported: bool) -> str:
+    """'auto' picks what the hardware runs: bf16 (else fp16) on GPUs, fp32 on CPU."""
+    if requested != "auto":
+        return requested
+    if on_cuda:
+        return "bf16" if bf16_supported else "fp16"
+    return "fp32"
+
+
+def validate(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]:
+    """All problems with the flags, each naming the flag, the value and the fix."""
+    problems = []
+    t, e, lo, d = cfg.train, cfg.engine, cfg.lora, cfg.data
+    if e.zero_stage not in (0, 1, 2, 3):
+        problems.append(f"--zero_stage {e.zero_stage} does not exist; use 0, 1, 2 or 3.")
+    for flag, value in (
+        ("--per_device_train_batch_size", t.per_device_train_batch_size),
+        ("--per_device_eval_batch_size", t.per_device_eval_batch_size),
+        ("--gradient_accumulation_steps", t.gradient_accumulation_steps),
+        ("--num_train_epochs", t.num_train_epochs),
+        ("--max_seq_len", d.max_seq_len),
+    ):
+        if value < 1:
+            problems.append(f"{flag} {value} must be at least 1.")
+    if t.max_steps is not None and t.max_steps < 1:
+        problems.append(f"--max_steps {t.max_steps} must be at least 1 (or left out).")
+    if t.learning_rate <= 0:
+        problems.append(f"--learning_rate {t.learning_rate} must be positive.")
+    if t.num_warmup_steps < 0:
+        problems.append(f"--num_warmup_steps {t.num_warmup_steps} must be 0 or more.")
+    if t.weight_decay < 0:
+        problems.append(f"--weight_decay {t.weight_decay} must be 0 or more.")
+    if cfg.model.dropout is not None and not 0 <= cfg.model.dropout < 1:
+        problems.append(f"--dropout {cfg.model.dropout} must be in [0, 1).")
+    if lo.lora_dim < 0:
+        problems.append(f"--lora_dim {lo.lora_dim} must be 0 (off) or a positive rank.")
+    if lo.only_optimize_lora and not lo.enabled:
+        problems.append("--only_optimize_lora needs LoRA: add --lora_dim 128 (or another rank).")
+    problems += _dtype_problems(e.dtype, on_cuda, bf16_supported)
+    if e.deepspeed_config and not os.path.isfile(e.deepspeed_config):
+        problems.append(f"--deepspeed_config {e.deepspeed_config!r} does not exist.")
+    if not t.dry_run:
+        problems += _output_dir_problems(t.output_dir)
+    problems += _model_problems(cfg.model, d.max_seq_len)
+    return problems
+
+
+def check_config(cfg: Config, on_cuda: bool, bf16_supported: bool) -> None:
+    problems = validate(cfg, on_cuda, bf16_supported)
+    if problems:
+        raise ConfigError("\n".join(["invalid arguments:", *(f"  - {p}" for p in problems)]))
+
+
+def _dtype_problems(dtype: str, on_cuda: bool, bf16_supported: bool) -> list[str]:
+    if dtype == "fp16" and not on_cuda:
+        return ["--dtype fp16 needs a GPU (CPUs have no fp16 training path); use bf16 or fp32."]
+    if dtype == "bf16" and on_cuda and not bf16_supported:
+        return ["--dtype bf16 is not supported by this GPU; use fp16."]
+    return []
+
+
+def _output_dir_problems(output_dir: str | None) -> list[str]:
+    if not output_dir:
+        return [
+            "--output_dir is required to train (where the model is saved), e.g. --output_dir ./output."
+        ]
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        return [f"--output_dir {output_dir!r} is a file, not a folder; choose another path."]
+    # Nothing is created here: validation must leave no trace when it fails.
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        return [
+            f"--output_dir {output_dir!r} cannot be created or written ({existing!r} is not a "
+            "writable folder); choose another path."
+        ]
+    return []
+
+
+def _model_problems(model: ModelConfig, max_seq_len: int) -> list[str]:
+    from utils.errors import UserError
+
+    try:
+        config = load_model_config(model)
+    except UserError as err:
+        return [str(err)]
+    limit = max_positions(config)
+    if limit is not None and max_seq_len > limit:
+        return [
+            f"--max_seq_len {max_seq_len} is longer than the model's {limit} positions; "
+            f"use --max_seq_len {limit} or less."
+        ]
+    return []
