@@ -24,9 +24,11 @@ from utils.data import SFTData, build_sft_data
 from utils.distributed import DistInfo, init_distributed, print_rank_0, rank_zero_first
 from utils.ds_config import build_ds_config
 from utils.errors import UserError
+from utils.lora import apply_lora
+from utils.memory_report import estimate_memory, format_memory_plan
 from utils.model import build_model, count_parameters, load_tokenizer
 from utils.optim import build_optimizer, build_param_groups, build_scheduler
-from utils.save import save_hf_model
+from utils.save import save_hf_model, save_lora_adapter
 from utils.train import evaluate, log_eval, train
 from utils.validate import check_config, resolve_dtype
 
@@ -35,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         dtype = check_flags(cfg)
+        if cfg.planner.estimate_memory:  # from the model's config alone: no data, no weights
+            print_rank_0(format_memory_plan(estimate_memory(cfg), cfg))
+            return 0
         dist = init_distributed(cfg.engine.local_rank)
         set_seed(cfg.train.seed)
         tokenizer = load_tokenizer(cfg.model)
@@ -43,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         ds_config = build_ds_config(cfg.engine, cfg.train, dist.world_size, dtype)
         if cfg.train.dry_run:
             return dry_run(cfg, tokenizer, data, ds_config)
-        model = build_model(cfg.model, tokenizer, ds_config)
+        model = apply_lora(build_model(cfg.model, tokenizer, ds_config), cfg.lora)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
@@ -67,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     log_eval(evaluate(engine, eval_loader, dist, fp32_loss), "Epoch 0 (before training)")
     train(engine, train_loader, eval_loader, cfg.train, dist, total_steps, fp32_loss)
     save_hf_model(engine.module, tokenizer, cfg.train.output_dir, cfg.engine.zero_stage)
+    if cfg.lora.save_lora_adapter:
+        save_lora_adapter(engine.module, cfg.train.output_dir, cfg.engine.zero_stage)
     print_rank_0(f"saved the fine-tuned model to {cfg.train.output_dir}")
     return 0
 
@@ -98,7 +105,7 @@ def build_engine(cfg: Config, model, ds_config: dict, train_rows: int, dist: Dis
 
 def dry_run(cfg: Config, tokenizer, data: SFTData, ds_config: dict) -> int:
     """Print what a run would do as one JSON line (the last line of stdout); train nothing."""
-    model = build_model(cfg.model, tokenizer, ds_config, on_meta=True)
+    model = apply_lora(build_model(cfg.model, tokenizer, ds_config, on_meta=True), cfg.lora)
     total, trainable = count_parameters(model)
     summary = {
         "train_rows": len(data.train),

@@ -15,7 +15,6 @@ from utils.lora import (
     lora_state_dict,
     merged_state_dict,
     resolve_lora_targets,
-    save_lora_adapter,
 )
 from utils.tiny import build_opt_model
 
@@ -152,7 +151,7 @@ def test_merged_state_dict_covers_every_plain_weight(tiny_tokenizer):
 def test_saved_adapter_loads_back_with_peft(tmp_path, tiny_tokenizer):
     model = apply_lora(build_opt_model(tiny_tokenizer), LoraConfig(lora_dim=4)).eval()
     _perturb_lora(model)
-    save_lora_adapter(model, str(tmp_path), lora_state_dict(model))
+    model.save_pretrained(str(tmp_path), state_dict=lora_state_dict(model))
     assert (tmp_path / "adapter_config.json").is_file()
     loaded = PeftModel.from_pretrained(build_opt_model(tiny_tokenizer), str(tmp_path)).eval()
     ids = _batch(64)

@@ -2,8 +2,8 @@
 
 `apply_lora` wraps the selected linear layers in PEFT LoRA adapters; saving folds
 the adapters back into the base weights (`merged_state_dict`) so the output folder
-is a plain transformers model, and `save_lora_adapter` writes PEFT's adapter folder.
-Both saving helpers take a `gather` context (DeepSpeed's `GatheredParameters` under
+is a plain transformers model, and `lora_state_dict` feeds PEFT's adapter folder.
+Both take a `gather` context (DeepSpeed's `GatheredParameters` under
 ZeRO-3) so this module never imports DeepSpeed.
 """
 
@@ -107,9 +107,14 @@ def is_lora_parameter(name: str) -> bool:
     return LoraModel.prefix in name
 
 
-def _own_tensors(module: nn.Module, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _own_tensors(
+    module: nn.Module, prefix: str, seen: set[int]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    # A tied weight (lm_head sharing the embedding) is saved once, as save_pretrained expects.
     for name, param in module.named_parameters(recurse=False):
-        yield prefix + name, param
+        if id(param) not in seen:
+            seen.add(id(param))
+            yield prefix + name, param
     for name, buf in module.named_buffers(recurse=False):
         if name not in module._non_persistent_buffers_set:
             yield prefix + name, buf
@@ -126,6 +131,7 @@ def merged_state_dict(
     """
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
     lora_prefixes: list[str] = []
     for name, module in base.named_modules():
         prefix = f"{name}." if name else ""
@@ -134,7 +140,7 @@ def merged_state_dict(
         if isinstance(module, LoraLayer):
             lora_prefixes.append(prefix)
             with gather(list(module.parameters())):
-                tensors = dict(_own_tensors(module.base_layer, prefix))
+                tensors = dict(_own_tensors(module.base_layer, prefix, seen))
                 weight = tensors[prefix + "weight"]
                 delta = module.get_delta_weight(ADAPTER).float()
                 tensors[prefix + "weight"] = (weight.float() + delta).to(weight.dtype)
@@ -144,7 +150,9 @@ def merged_state_dict(
         params = list(module.parameters(recurse=False))
         with gather(params):
             if keep:
-                out.update({k: v.detach().cpu().clone() for k, v in _own_tensors(module, prefix)})
+                out.update(
+                    {k: v.detach().cpu().clone() for k, v in _own_tensors(module, prefix, seen)}
+                )
     return out
 
 
@@ -155,8 +163,3 @@ def lora_state_dict(
     lora = [(n, p) for n, p in model.named_parameters() if is_lora_parameter(n)]
     with gather([p for _, p in lora]):
         return {n: p.detach().cpu().clone() for n, p in lora} if keep else {}
-
-
-def save_lora_adapter(model: PeftModel, path: str, state_dict: dict[str, torch.Tensor]) -> None:
-    """Write PEFT's adapter folder (adapter_config.json + safetensors) from `lora_state_dict`."""
-    model.save_pretrained(path, state_dict=state_dict)

@@ -9,28 +9,18 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
 from utils.config import Config
-from utils.errors import UserError
 from utils.memory_planner import GB, largest_fitting_model, measure_shape, plan_memory
+from utils.model import load_model_config
 
 RULE_OF_THUMB_GB_PER_BILLION = 3  # README: GPU GB / 3 = billions of params (ZeRO-3+GC+LoRA)
 
 
-def load_model_config(model_name_or_path: str, trust_remote_code: bool) -> PretrainedConfig:
-    try:
-        return AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-    except OSError as err:  # missing folder, unreachable hub, no config.json
-        raise UserError(
-            f"--model_name_or_path {model_name_or_path!r}: cannot read its config.json ({err}). "
-            "Pass a local model folder or a hub name that is cached."
-        ) from err
-
-
 def estimate_memory(cfg: Config) -> dict:
     """The planner's figures for this run, as the JSON summary line reports them."""
-    config = load_model_config(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
+    config = load_model_config(cfg.model)
     plan = plan_memory(measure_shape(config, cfg.lora), cfg)
     largest = largest_fitting_model(config, cfg)
     largest_params = largest[0].params if largest else 0
