@@ -179,3 +179,30 @@ def test_gradient_checkpointing_with_only_lora_trains_the_adapters(reentrant, ti
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_lora_weights_get_the_lora_learning_rate(tiny_tokenizer):
+    from utils.config import TrainConfig
+    from utils.optim import build_param_groups
+
+    lora = LoraConfig(lora_dim=4, lora_learning_rate=5e-4)
+    model = apply_lora(build_opt_model(tiny_tokenizer), lora)
+    groups = build_param_groups(model, TrainConfig(learning_rate=1e-3), lora)
+    lora_ids = {id(p) for n, p in model.named_parameters() if is_lora_parameter(n)}
+    for group in groups:
+        is_lora = {id(p) in lora_ids for p in group["params"]}
+        assert len(is_lora) == 1  # never a mix
+        assert group["lr"] == (5e-4 if is_lora.pop() else 1e-3)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_lora_and_planner_flags_are_validated_together(tiny_model_dir):
+    from utils.config import parse_args
+    from utils.validate import validate
+
+    cfg = parse_args(["--model_name_or_path", str(tiny_model_dir), "--save_lora_adapter",
+                      "--gpu_memory_gb", "0", "--num_nodes", "0", "--estimate_memory"])  # fmt: skip
+    problems = "\n".join(validate(cfg, on_cuda=False, bf16_supported=False))
+    assert "--save_lora_adapter needs LoRA" in problems
+    assert "--gpu_memory_gb 0" in problems and "--num_nodes 0" in problems
+    assert "--output_dir" not in problems  # the planner writes nothing
