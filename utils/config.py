@@ -81,13 +81,14 @@ class TrainConfig:
     print_loss: bool = False
     dry_run: bool = False
 
-    def steps_per_epoch(self, train_rows: int, world_size: int) -> int:
-        """Optimizer steps in one epoch (a trailing partial accumulation still steps)."""
-        micro_batches = -(-train_rows // (self.per_device_train_batch_size * world_size))
-        return max(1, -(-micro_batches // self.gradient_accumulation_steps))
+    def micro_batches_per_epoch(self, train_rows: int, world_size: int) -> int:
+        return -(-train_rows // (self.per_device_train_batch_size * world_size))
 
     def total_steps(self, train_rows: int, world_size: int) -> int:
-        total = self.num_train_epochs * self.steps_per_epoch(train_rows, world_size)
+        """Optimizer steps of the run. DeepSpeed counts accumulation across epoch ends, so
+        this is all micro-batches of all epochs over the accumulation, not per epoch."""
+        micro = self.num_train_epochs * self.micro_batches_per_epoch(train_rows, world_size)
+        total = max(1, micro // self.gradient_accumulation_steps)
         return min(total, self.max_steps) if self.max_steps else total
 
 
