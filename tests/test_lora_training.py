@@ -18,12 +18,13 @@ from utils.config import parse_args
 from utils.lora import is_lora_parameter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUIET = {"PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+DIST_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
 
 
 @pytest.fixture
 def one_rank_group(monkeypatch):
-    """A one-rank gloo group for an in-process engine; env and group undone afterwards."""
+    """A one-rank group for an in-process engine (reused if main() already made one, as
+    tests/test_main.py does); the launcher variables are restored afterwards."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -33,8 +34,14 @@ def one_rank_group(monkeypatch):
     monkeypatch.setenv("MASTER_PORT", str(port))
     from utils.distributed import init_distributed
 
-    yield init_distributed()
-    torch.distributed.destroy_process_group()
+    return init_distributed()
+
+
+def _launch_env() -> dict[str, str]:
+    # An in-process group elsewhere in this session leaves RANK/MASTER_PORT behind; a
+    # child process must not try to join it.
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    return {**env, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _write_jsonl_data(folder, n: int = 24) -> str:
@@ -96,7 +103,7 @@ def test_zero3_two_ranks_save_merged_model_equal_to_the_lora_model(tmp_path, tin
            "--per_device_train_batch_size", "4", "--zero_stage", "3", "--lora_dim", "4",
            "--only_optimize_lora", "--gradient_checkpointing", "--lora_learning_rate", "2e-2",
            "--max_steps", "2", "--save_lora_adapter", "--output_dir", str(out)]  # fmt: skip
-    run = subprocess.run(cmd, cwd=REPO, env={**os.environ, **QUIET}, capture_output=True, text=True)
+    run = subprocess.run(cmd, cwd=REPO, env=_launch_env(), capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     plain = AutoModelForCausalLM.from_pretrained(out).eval()  # a plain model: no PEFT needed
@@ -120,7 +127,7 @@ def test_estimate_memory_runs_from_the_config_alone(tmp_path, tiny_model_dir):
            "--data_path", str(tmp_path / "no-such-data"), "--estimate_memory", "--zero_stage", "3",
            "--lora_dim", "4", "--only_optimize_lora", "--gradient_checkpointing",
            "--num_gpus_per_node", "2", "--gpu_memory_gb", "1"]  # fmt: skip
-    run = subprocess.run(cmd, cwd=REPO, env={**os.environ, **QUIET}, capture_output=True, text=True)
+    run = subprocess.run(cmd, cwd=REPO, env=_launch_env(), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     assert summary["model_states_source"].startswith("DeepSpeed estimate_zero3")

@@ -261,18 +261,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="Train only the LoRA weights; freeze the rest.",
     )
     lo.add_argument("--lora_learning_rate", type=float, default=5e-4)
-    lo.add_argument("--save_lora_adapter", action="store_true",
-                    help="Also write the PEFT adapter folder (output_dir/lora_adapter); the "
-                    "model itself is always saved with LoRA merged into its weights.")
+    lo.add_argument(
+        "--save_lora_adapter",
+        action="store_true",
+        help="Also write the PEFT adapter folder (output_dir/lora_adapter); the "
+        "model itself is always saved with LoRA merged into its weights.",
+    )
 
     pl = p.add_argument_group("memory planner")
-    pl.add_argument("--estimate_memory", action="store_true",
-                    help="Print the per-GPU/per-node memory this run needs and the largest model "
-                    "of the same family that fits --gpu_memory_gb; loads no data or weights.")
-    pl.add_argument("--gpu_memory_gb", type=float, default=80.0,
-                    help="GPU memory per device the planner fits the largest model into.")
-    pl.add_argument("--num_gpus_per_node", type=int, default=1,
-                    help="GPUs per node the planner assumes (the launcher's --num_gpus).")
+    pl.add_argument(
+        "--estimate_memory",
+        action="store_true",
+        help="Print the per-GPU/per-node memory this run needs and the largest model "
+        "of the same family that fits --gpu_memory_gb; loads no data or weights.",
+    )
+    pl.add_argument(
+        "--gpu_memory_gb",
+        type=float,
+        default=80.0,
+        help="GPU memory per device the planner fits the largest model into.",
+    )
+    pl.add_argument(
+        "--num_gpus_per_node",
+        type=int,
+        default=1,
+        help="GPUs per node the planner assumes (the launcher's --num_gpus).",
+    )
     pl.add_argument("--num_nodes", type=int, default=1, help="Nodes the planner assumes.")
 
     e = p.add_argument_group("engine")
