@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-IGNORE_INDEX = -100
+from utils.data import IGNORE_INDEX
 
 
 def collate(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from utils.config import Config, ConfigError, ModelConfig, PlannerConfig
+from utils.data import check_data_config
 from utils.model import load_model_config, max_positions
 
 
@@ -28,7 +29,6 @@ def validate(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]:
         ("--per_device_eval_batch_size", t.per_device_eval_batch_size),
         ("--gradient_accumulation_steps", t.gradient_accumulation_steps),
         ("--num_train_epochs", t.num_train_epochs),
-        ("--max_seq_len", d.max_seq_len),
     ):
         if value < 1:
             problems.append(f"{flag} {value} must be at least 1.")
@@ -49,6 +49,7 @@ def validate(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]:
     if lo.save_lora_adapter and not lo.enabled:
         problems.append("--save_lora_adapter needs LoRA: add --lora_dim 128 (or another rank).")
     problems += _planner_problems(cfg.planner)
+    problems += check_data_config(d)
     problems += _dtype_problems(e.dtype, on_cuda, bf16_supported)
     if e.deepspeed_config and not os.path.isfile(e.deepspeed_config):
         problems.append(f"--deepspeed_config {e.deepspeed_config!r} does not exist.")
