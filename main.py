@@ -32,11 +32,13 @@ from utils.distributed import (
 from utils.ds_config import build_ds_config
 from utils.errors import UserError
 from utils.failures import explain_failures, quiet_library_noise
+from utils.lora import apply_lora
+from utils.memory_report import estimate_memory, format_memory_plan
 from utils.model import build_model, count_parameters, load_tokenizer
 from utils.optim import build_optimizer, build_param_groups, build_scheduler
 from utils.preemption import PREEMPTED_EXIT
 from utils.progress import build_monitor
-from utils.save import save_hf_model
+from utils.save import save_hf_model, save_lora_adapter
 from utils.summary import print_run_summary
 from utils.train import evaluate, log_eval, train
 from utils.validate import check_config, resolve_dtype
@@ -48,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_args(argv)
         quiet_library_noise(is_main_process(), interactive=sys.stdout.isatty())
         dtype = check_flags(cfg)
+        if cfg.planner.estimate_memory:  # from the model's config alone: no data, no weights
+            print_rank_0(format_memory_plan(estimate_memory(cfg), cfg))
+            return 0
         dist = init_distributed(cfg.engine.local_rank)
         set_seed(cfg.train.seed)
         tokenizer = load_tokenizer(cfg.model)
@@ -56,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         ds_config = build_ds_config(cfg.engine, cfg.train, dist.world_size, dtype)
         if cfg.train.dry_run:
             return dry_run(cfg, tokenizer, data, ds_config, dist.world_size)
-        model = build_model(cfg.model, tokenizer, ds_config)
+        model = apply_lora(build_model(cfg.model, tokenizer, ds_config), cfg.lora)
         print_run_summary(cfg, data, count_parameters(model), ds_config, dist.world_size)
         run = start_run(cfg.checkpoint, cfg.train.output_dir, model, ds_config, dist)
     except UserError as err:
@@ -89,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     if run.preempted:
         return PREEMPTED_EXIT
     save_hf_model(engine.module, tokenizer, cfg.train.output_dir, cfg.engine.zero_stage)
+    if cfg.lora.save_lora_adapter:
+        save_lora_adapter(engine.module, cfg.train.output_dir, cfg.engine.zero_stage)
     print_rank_0(f"saved the fine-tuned model to {cfg.train.output_dir}")
     verify_saved_model(engine, cfg.train.output_dir, eval_loader, dist, cfg.model.trust_remote_code)
     return 0
@@ -121,7 +128,7 @@ def build_engine(cfg: Config, model, ds_config: dict, train_rows: int, dist: Dis
 
 def dry_run(cfg: Config, tokenizer, data: SFTData, ds_config: dict, world_size: int) -> int:
     """Print what a run would do as one JSON line (the last line of stdout); train nothing."""
-    model = build_model(cfg.model, tokenizer, ds_config, on_meta=True)
+    model = apply_lora(build_model(cfg.model, tokenizer, ds_config, on_meta=True), cfg.lora)
     total, trainable = count_parameters(model)
     print_run_summary(cfg, data, (total, trainable), ds_config, world_size)
     summary = {

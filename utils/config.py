@@ -58,6 +58,7 @@ class LoraConfig:
     lora_module_name: str = "decoder.layers."
     only_optimize_lora: bool = False
     lora_learning_rate: float = 5e-4
+    save_lora_adapter: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -113,6 +114,18 @@ class CheckpointConfig:
 
 
 @dataclass
+class PlannerConfig:
+    estimate_memory: bool = False
+    gpu_memory_gb: float = 80.0
+    num_gpus_per_node: int = 1
+    num_nodes: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.num_gpus_per_node * self.num_nodes
+
+
+@dataclass
 class Config:
     model: ModelConfig
     data: DataConfig
@@ -120,6 +133,7 @@ class Config:
     train: TrainConfig
     engine: EngineConfig
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,6 +269,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="Train only the LoRA weights; freeze the rest.",
     )
     lo.add_argument("--lora_learning_rate", type=float, default=5e-4)
+    lo.add_argument(
+        "--save_lora_adapter",
+        action="store_true",
+        help="Also write the PEFT adapter folder (output_dir/lora_adapter); the "
+        "model itself is always saved with LoRA merged into its weights.",
+    )
+
+    pl = p.add_argument_group("memory planner")
+    pl.add_argument(
+        "--estimate_memory",
+        action="store_true",
+        help="Print the per-GPU/per-node memory this run needs and the largest model "
+        "of the same family that fits --gpu_memory_gb; loads no data or weights.",
+    )
+    pl.add_argument(
+        "--gpu_memory_gb",
+        type=float,
+        default=80.0,
+        help="GPU memory per device the planner fits the largest model into.",
+    )
+    pl.add_argument(
+        "--num_gpus_per_node",
+        type=int,
+        default=1,
+        help="GPUs per node the planner assumes (the launcher's --num_gpus).",
+    )
+    pl.add_argument("--num_nodes", type=int, default=1, help="Nodes the planner assumes.")
 
     e = p.add_argument_group("engine")
     e.add_argument("--local_rank", type=int, default=-1, help="Set by the DeepSpeed launcher.")
@@ -338,6 +379,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
             lora_module_name=args.lora_module_name,
             only_optimize_lora=args.only_optimize_lora,
             lora_learning_rate=args.lora_learning_rate,
+            save_lora_adapter=args.save_lora_adapter,
         ),
         train=TrainConfig(
             per_device_train_batch_size=args.per_device_train_batch_size,
@@ -367,6 +409,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
             save_steps=args.save_steps,
             save_total_limit=args.save_total_limit,
             resume_from_checkpoint=args.resume_from_checkpoint,
+        ),
+        planner=PlannerConfig(
+            estimate_memory=args.estimate_memory,
+            gpu_memory_gb=args.gpu_memory_gb,
+            num_gpus_per_node=args.num_gpus_per_node,
+            num_nodes=args.num_nodes,
         ),
     )
 
