@@ -36,14 +36,8 @@ from checkpoint_runs import (
 )
 
 from utils import preemption
-from utils.checkpoint import (
-    LATEST,
-    RUN_STATE,
-    RunShape,
-    check_resumable,
-    published_checkpoints,
-    skip_batches,
-)
+from utils.checkpoint import LATEST, published_checkpoints, skip_batches
+from utils.checkpoint_checks import RUN_STATE, RunShape, check_resumable
 from utils.errors import UserError
 from utils.preemption import PREEMPTED_EXIT, install_preemption_handlers, stop_requested
 

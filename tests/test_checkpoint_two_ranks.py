@@ -31,7 +31,8 @@ from checkpoint_runs import (
     write_data,
 )
 
-from utils.checkpoint import LATEST, RUN_STATE, RunShape, check_resumable, published_checkpoints
+from utils.checkpoint import LATEST, published_checkpoints
+from utils.checkpoint_checks import RUN_STATE, RunShape, check_resumable
 from utils.errors import UserError
 from utils.preemption import PREEMPTED_EXIT
 
