@@ -27,6 +27,7 @@ from utils.errors import UserError
 from utils.model import build_model, count_parameters, load_tokenizer
 from utils.optim import build_optimizer, build_param_groups, build_scheduler
 from utils.save import save_hf_model
+from utils.throughput import build_meter
 from utils.train import evaluate, log_eval, train
 from utils.validate import check_config, resolve_dtype
 
@@ -47,14 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
-    engine, total_steps = build_engine(cfg, model, ds_config, len(data.train), dist)
     train_loader = build_train_loader(
         data.train,
+        cfg.batch,
         cfg.train.per_device_train_batch_size,
+        cfg.data.max_seq_len,
         tokenizer.pad_token_id,
         cfg.train.seed,
         dist.rank,
         dist.world_size,
+        dtype,
     )
     eval_loader = build_eval_loader(
         data.eval,
@@ -62,10 +65,31 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer.pad_token_id,
         dist.rank,
         dist.world_size,
+        cfg.batch.loss_on,
+    )
+    # Packing changes how many rows an epoch trains, so steps come from the loader.
+    engine, total_steps = build_engine(cfg, model, ds_config, train_loader.sampler.num_rows, dist)
+    meter = build_meter(
+        engine.module,
+        cfg.model.gradient_checkpointing,
+        dtype,
+        cfg.batch.peak_tflops,
+        dist.device,
+        dist.world_size,
     )
     fp32_loss = cfg.model.compute_fp32_loss
     log_eval(evaluate(engine, eval_loader, dist, fp32_loss), "Epoch 0 (before training)")
-    train(engine, train_loader, eval_loader, cfg.train, dist, total_steps, fp32_loss)
+    train(
+        engine,
+        train_loader,
+        eval_loader,
+        cfg.train,
+        dist,
+        total_steps,
+        fp32_loss,
+        meter,
+        cfg.batch.loss_averaging,
+    )
     save_hf_model(engine.module, tokenizer, cfg.train.output_dir, cfg.engine.zero_stage)
     print_rank_0(f"saved the fine-tuned model to {cfg.train.output_dir}")
     return 0

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from utils.batching import IGNORE_INDEX
+from utils.batching import MODEL_INPUTS
 from utils.config import TrainConfig
+from utils.data import IGNORE_INDEX
 from utils.distributed import DistInfo, all_reduce_max, all_reduce_sum, print_rank_0
+from utils.loss import accumulation_windows, micro_batch_loss
+from utils.throughput import ThroughputMeter, format_throughput
 
 
 @dataclass
@@ -46,7 +48,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 def forward_nll(engine, batch: dict[str, torch.Tensor], fp32: bool) -> tuple[torch.Tensor, int]:
     labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     logits = engine(**inputs, use_cache=False).logits
     return token_nll(logits, labels, fp32)
 
@@ -106,6 +108,8 @@ def train(
     dist: DistInfo,
     total_steps: int,
     fp32_loss: bool,
+    meter: ThroughputMeter,
+    loss_averaging: str = "token",
     log_every: int = 10,
 ) -> list[EvalResult]:
     """Run the epochs; evaluate after each. Returns the per-epoch eval results."""
@@ -117,27 +121,39 @@ def train(
             f"Beginning of Epoch {epoch + 1}/{train_cfg.num_train_epochs}, "
             f"Total Micro Batches {len(train_loader)}"
         )
-        started, tokens_seen = time.perf_counter(), 0
-        for batch in train_loader:
-            batch = to_device(batch, dist.device)
-            nll, count = forward_nll(engine, batch, fp32_loss)
-            loss = nll / max(count, 1)
-            engine.backward(loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.step()
-            tokens_seen += int(batch["attention_mask"].sum())
+        windows = accumulation_windows(
+            train_loader, train_cfg.gradient_accumulation_steps, dist.device
+        )
+        for window in windows:
+            step_nll = 0.0
+            for i, batch in enumerate(window.batches):
+                meter.add_batch(batch)
+                batch = to_device(batch, dist.device)
+                # We own the boundary: an epoch's last window may be shorter than
+                # gradient_accumulation_steps and must still end in an optimizer step.
+                engine.set_gradient_accumulation_boundary(i == len(window.batches) - 1)
+                nll, count = forward_nll(engine, batch, fp32_loss)
+                loss = micro_batch_loss(nll, count, window, loss_averaging, dist.world_size)
+                # The loss is already divided over the window; DeepSpeed must not divide again.
+                engine.backward(loss, scale_wrt_gas=False)
+                engine.step()
+                step_nll = step_nll + nll.detach()
+            meter.end_step()
             step = engine.global_steps
-            if boundary and (train_cfg.print_loss or step % log_every == 0 or step == total_steps):
-                elapsed = time.perf_counter() - started
+            if train_cfg.print_loss or step % log_every == 0 or step == total_steps:
+                (step_nll,) = all_reduce_sum([float(step_nll)], dist.device)
                 print_rank_0(
-                    f"epoch {epoch + 1} step {step}/{total_steps} loss {loss.item():.4f} "
-                    f"lr {engine.get_lr()[0]:.3g} tokens/s/rank {tokens_seen / elapsed:.0f}"
+                    f"epoch {epoch + 1} step {step}/{total_steps} "
+                    f"loss {step_nll / max(window.tokens, 1):.4f} lr {engine.get_lr()[0]:.3g} "
+                    f"| {format_throughput(meter.report())}"
                 )
-            if boundary and step >= total_steps:
+            if step >= total_steps:
                 break
-        result = evaluate(engine, eval_loader, dist, fp32_loss)
+        with meter.paused():
+            result = evaluate(engine, eval_loader, dist, fp32_loss)
         log_eval(result, f"Epoch {epoch + 1}/{train_cfg.num_train_epochs}")
         results.append(result)
         if engine.global_steps >= total_steps:
             break
+    print_rank_0(f"throughput over the run: {format_throughput(meter.report(overall=True))}")
     return results

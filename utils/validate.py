@@ -6,6 +6,7 @@ import os
 
 from utils.config import Config, ConfigError, ModelConfig
 from utils.model import load_model_config, max_positions
+from utils.packing import packing_problems
 
 
 def resolve_dtype(requested: str, on_cuda: bool, bf16_supported: bool) -> str:
@@ -51,7 +52,9 @@ def validate(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]:
         problems.append(f"--deepspeed_config {e.deepspeed_config!r} does not exist.")
     if not t.dry_run:
         problems += _output_dir_problems(t.output_dir)
-    problems += _model_problems(cfg.model, d.max_seq_len)
+    problems += _model_problems(cfg.model, d.max_seq_len, cfg.batch.packing)
+    if cfg.batch.packing and cfg.batch.pad_to_max_len:
+        problems.append("--packing and --pad_to_max_len exclude each other; choose one.")
     return problems
 
 
@@ -88,17 +91,21 @@ def _output_dir_problems(output_dir: str | None) -> list[str]:
     return []
 
 
-def _model_problems(model: ModelConfig, max_seq_len: int) -> list[str]:
+def _model_problems(model: ModelConfig, max_seq_len: int, packing: bool) -> list[str]:
     from utils.errors import UserError
 
     try:
         config = load_model_config(model)
     except UserError as err:
         return [str(err)]
+    problems = []
+    if packing:
+        attn = getattr(config, "_attn_implementation", None)
+        problems += packing_problems(config.model_type, attn)
     limit = max_positions(config)
     if limit is not None and max_seq_len > limit:
-        return [
+        problems += [
             f"--max_seq_len {max_seq_len} is longer than the model's {limit} positions; "
             f"use --max_seq_len {limit} or less."
         ]
-    return []
+    return problems
