@@ -18,8 +18,11 @@ from utils.data import IGNORE_INDEX
 from utils.labels import build_labels
 
 # Model types whose transformers code passes a prepared 4D mask through unchanged and
-# takes position_ids, with the attention implementations verified for each.
-PACKING_SUPPORT = {"opt": ("eager", "sdpa")}
+# takes position_ids, with the attention implementations verified for each (flash
+# attention takes no 4D mask, so it is refused).
+PACKING_SUPPORT = {
+    model_type: ("eager", "sdpa") for model_type in ("opt", "llama", "mistral", "qwen2", "gpt2")
+}
 
 
 def packing_problems(model_type: str, attn_implementation: str | None) -> list[str]:
