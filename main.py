@@ -21,12 +21,23 @@ from transformers import set_seed
 from utils.batching import build_eval_loader, build_train_loader
 from utils.config import Config, parse_args
 from utils.data import SFTData, build_sft_data
-from utils.distributed import DistInfo, init_distributed, print_rank_0, rank_zero_first
+from utils.distributed import (
+    DistInfo,
+    init_distributed,
+    is_main_process,
+    print_rank_0,
+    rank_zero_first,
+)
 from utils.ds_config import build_ds_config
 from utils.errors import UserError
+from utils.failures import explain_failures, quiet_library_noise
+from utils.lora import apply_lora
+from utils.memory_report import estimate_memory, format_memory_plan
 from utils.model import build_model, count_parameters, load_tokenizer
 from utils.optim import build_optimizer, build_param_groups, build_scheduler
-from utils.save import save_hf_model
+from utils.progress import build_monitor
+from utils.save import save_hf_model, save_lora_adapter
+from utils.summary import print_run_summary
 from utils.throughput import build_meter
 from utils.train import evaluate, log_eval, train
 from utils.validate import check_config, resolve_dtype
@@ -35,7 +46,11 @@ from utils.validate import check_config, resolve_dtype
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
+        quiet_library_noise(is_main_process(), interactive=sys.stdout.isatty())
         dtype = check_flags(cfg)
+        if cfg.planner.estimate_memory:  # from the model's config alone: no data, no weights
+            print_rank_0(format_memory_plan(estimate_memory(cfg), cfg))
+            return 0
         dist = init_distributed(cfg.engine.local_rank)
         set_seed(cfg.train.seed)
         tokenizer = load_tokenizer(cfg.model)
@@ -43,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             data = build_sft_data(cfg.data, tokenizer)
         ds_config = build_ds_config(cfg.engine, cfg.train, dist.world_size, dtype)
         if cfg.train.dry_run:
-            return dry_run(cfg, tokenizer, data, ds_config)
-        model = build_model(cfg.model, tokenizer, ds_config)
+            return dry_run(cfg, tokenizer, data, ds_config, dist.world_size)
+        model = apply_lora(build_model(cfg.model, tokenizer, ds_config), cfg.lora)
+        print_run_summary(cfg, data, count_parameters(model), ds_config, dist.world_size)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
@@ -78,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         dist.world_size,
     )
     fp32_loss = cfg.model.compute_fp32_loss
-    log_eval(evaluate(engine, eval_loader, dist, fp32_loss), "Epoch 0 (before training)")
+    monitor = build_monitor(cfg.train.output_dir, cfg.engine, total_steps, engine.global_steps)
+    initial = evaluate(engine, eval_loader, dist, fp32_loss)
+    log_eval(initial, "Epoch 0 (before training)")
+    monitor.log_eval(engine.global_steps, 0, initial)
     train(
         engine,
         train_loader,
@@ -87,10 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         dist,
         total_steps,
         fp32_loss,
+        monitor,
         meter,
         cfg.batch.loss_averaging,
     )
+    monitor.close()
     save_hf_model(engine.module, tokenizer, cfg.train.output_dir, cfg.engine.zero_stage)
+    if cfg.lora.save_lora_adapter:
+        save_lora_adapter(engine.module, cfg.train.output_dir, cfg.engine.zero_stage)
     print_rank_0(f"saved the fine-tuned model to {cfg.train.output_dir}")
     return 0
 
@@ -120,10 +143,11 @@ def build_engine(cfg: Config, model, ds_config: dict, train_rows: int, dist: Dis
     return engine, total_steps
 
 
-def dry_run(cfg: Config, tokenizer, data: SFTData, ds_config: dict) -> int:
+def dry_run(cfg: Config, tokenizer, data: SFTData, ds_config: dict, world_size: int) -> int:
     """Print what a run would do as one JSON line (the last line of stdout); train nothing."""
-    model = build_model(cfg.model, tokenizer, ds_config, on_meta=True)
+    model = apply_lora(build_model(cfg.model, tokenizer, ds_config, on_meta=True), cfg.lora)
     total, trainable = count_parameters(model)
+    print_run_summary(cfg, data, (total, trainable), ds_config, world_size)
     summary = {
         "train_rows": len(data.train),
         "eval_rows": len(data.eval),
@@ -141,4 +165,5 @@ def dry_run(cfg: Config, tokenizer, data: SFTData, ds_config: dict) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with explain_failures(sys.argv[1:]):
+        sys.exit(main())

@@ -107,7 +107,7 @@ def start_run(name: str, train, args) -> Run:
     loader = build_train_loader(
         train, batch_cfg, args.batch, args.max_seq_len, PAD, args.seed, 0, 1, dtype
     )
-    windows = accumulation_windows(loader, 1, torch.device("cpu"))
+    windows = accumulation_windows(loader, 1, torch.device("cpu"), carry=[])
     return Run(name, engine, windows, steps=len(loader))
 
 
@@ -127,7 +127,7 @@ def train_slice(run: Run, steps: int) -> None:
     run.done += steps
     run.real, run.padded, run.seconds = run.real + real, run.padded + padded, run.seconds + seconds
     run.rounds.append(real / seconds)
-    run.last_loss = float(nll) / max(count, 1)
+    run.last_loss = float(nll.detach()) / max(count, 1)
 
 
 def compare_bf16(train, args) -> str:

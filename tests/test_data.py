@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -144,3 +147,12 @@ def test_train_tokens_add_up_over_sources(tmp_path, tiny_tokenizer, split):
     b = make_source(tmp_path / "b", 10, 5, offset=50)
     data = build_sft_data(config(tmp_path, [a, b], data_split=split), tiny_tokenizer)
     assert data.train_tokens == sum(len(r["input_ids"]) for r in data.train)
+
+
+def test_the_data_layer_imports_without_deepspeed():
+    code = "import sys, utils.data; print(any(m.startswith('deepspeed') for m in sys.modules))"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"

@@ -359,7 +359,8 @@ def test_train_only_hub_copy_gets_a_seeded_nine_to_one_eval_cut(tmp_path, tiny_t
         {"INSTRUCTION": f"Q{i}?", "RESPONSE": f"A{i}.", "SOURCE": "", "METADATA": ""}
         for i in range(20)
     ]
-    write_hub_copy(folder, {"train": rows}, "jsonl")
+    # A stray test file is ignored: the hub data set has train only.
+    write_hub_copy(folder, {"train": rows, "test": rows[:5]}, "jsonl")
     cfg = DataConfig(
         data_path=[str(folder)], data_split="10,0,0", data_output_path=str(tmp_path / "cache")
     )
@@ -375,3 +376,9 @@ def test_hub_name_offline_says_how_to_use_a_local_copy(tmp_path, tiny_tokenizer,
     with pytest.raises(DataError, match=r"--data_path DIR/Dahoas/rm-static") as err:
         build_sft_data(cfg, tiny_tokenizer)
     assert "save_to_disk" in str(err.value)
+
+
+def test_offline_hint_for_a_shared_hub_set_names_the_catalogue_entry(tmp_path, tiny_tokenizer):
+    cfg = DataConfig(data_path=["mkqa-Japanese"], data_output_path=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=r"load_dataset\('mkqa'\).*--data_path DIR/mkqa-Japanese"):
+        build_sft_data(cfg, tiny_tokenizer)

@@ -12,8 +12,10 @@ from safetensors.torch import load_file
 
 from tests.token_loss_worker import PAD, build_model, build_rows
 from utils.batching import collate
+from utils.loss import accumulation_windows
 from utils.train import token_nll
 
+CPU = torch.device("cpu")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -64,3 +66,14 @@ def test_step_over_micro_batches_and_ranks_equals_one_big_batch(tmp_path, ranks,
     halves = sgd_step([rows[:4], rows[4:]], token_weighted=False)
     assert not torch.allclose(halves["lm_head.weight"], expected["lm_head.weight"], atol=1e-4)
     assert_same_weights(run_worker(tmp_path, ranks, zero_stage, micro, 2), expected)
+
+
+def test_epoch_leftovers_open_the_next_epochs_first_window():
+    def batch(tokens: int) -> dict:
+        return {"labels": torch.tensor([[-100] + [5] * tokens])}
+
+    carry = []
+    first = list(accumulation_windows([batch(n) for n in (1, 2, 3, 4, 5)], 2, CPU, carry))
+    assert [w.tokens for w in first] == [3, 7] and len(carry) == 1
+    second = list(accumulation_windows([batch(n) for n in (6, 7, 8)], 2, CPU, carry))
+    assert [w.tokens for w in second] == [5 + 6, 7 + 8] and carry == []

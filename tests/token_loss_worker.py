@@ -15,8 +15,9 @@ from safetensors.torch import save_file
 from transformers import OPTConfig, OPTForCausalLM
 
 from utils.batching import build_eval_loader, build_train_loader
-from utils.config import BatchConfig, TrainConfig
+from utils.config import BatchConfig, EngineConfig, TrainConfig
 from utils.distributed import init_distributed
+from utils.progress import build_monitor
 from utils.throughput import build_meter
 from utils.train import train
 
@@ -69,7 +70,8 @@ def main(out: str, mode: str, zero_stage: int, micro: int, accumulation: int) ->
     train_cfg = TrainConfig(gradient_accumulation_steps=accumulation)
     meter = build_meter(engine.module, False, "fp32", None, dist.device, dist.world_size)
     eval_loader = build_eval_loader(dataset, 8, PAD, dist.rank, dist.world_size)
-    train(engine, loader, eval_loader, train_cfg, dist, 1, True, meter, mode)
+    monitor = build_monitor(None, EngineConfig(), 1, 0)
+    train(engine, loader, eval_loader, train_cfg, dist, 1, True, monitor, meter, mode)
     if dist.rank == 0:
         save_file({k: v.clone() for k, v in engine.module.state_dict().items()}, out)
 

@@ -71,6 +71,7 @@ class LoraConfig:
     lora_module_name: str = "decoder.layers."
     only_optimize_lora: bool = False
     lora_learning_rate: float = 5e-4
+    save_lora_adapter: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -93,13 +94,14 @@ class TrainConfig:
     print_loss: bool = False
     dry_run: bool = False
 
-    def steps_per_epoch(self, train_rows: int, world_size: int) -> int:
-        """Optimizer steps in one epoch (a trailing partial accumulation still steps)."""
-        micro_batches = -(-train_rows // (self.per_device_train_batch_size * world_size))
-        return max(1, -(-micro_batches // self.gradient_accumulation_steps))
+    def micro_batches_per_epoch(self, train_rows: int, world_size: int) -> int:
+        return -(-train_rows // (self.per_device_train_batch_size * world_size))
 
     def total_steps(self, train_rows: int, world_size: int) -> int:
-        total = self.num_train_epochs * self.steps_per_epoch(train_rows, world_size)
+        """Optimizer steps of the run. DeepSpeed counts accumulation across epoch ends, so
+        this is all micro-batches of all epochs over the accumulation, not per epoch."""
+        micro = self.num_train_epochs * self.micro_batches_per_epoch(train_rows, world_size)
+        total = max(1, micro // self.gradient_accumulation_steps)
         return min(total, self.max_steps) if self.max_steps else total
 
 
@@ -118,12 +120,25 @@ class EngineConfig:
 
 
 @dataclass
+class PlannerConfig:
+    estimate_memory: bool = False
+    gpu_memory_gb: float = 80.0
+    num_gpus_per_node: int = 1
+    num_nodes: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.num_gpus_per_node * self.num_nodes
+
+
+@dataclass
 class Config:
     model: ModelConfig
     data: DataConfig
     lora: LoraConfig
     train: TrainConfig
     engine: EngineConfig
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
 
 
@@ -262,6 +277,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="Train only the LoRA weights; freeze the rest.",
     )
     lo.add_argument("--lora_learning_rate", type=float, default=5e-4)
+    lo.add_argument(
+        "--save_lora_adapter",
+        action="store_true",
+        help="Also write the PEFT adapter folder (output_dir/lora_adapter); the "
+        "model itself is always saved with LoRA merged into its weights.",
+    )
+
+    pl = p.add_argument_group("memory planner")
+    pl.add_argument(
+        "--estimate_memory",
+        action="store_true",
+        help="Print the per-GPU/per-node memory this run needs and the largest model "
+        "of the same family that fits --gpu_memory_gb; loads no data or weights.",
+    )
+    pl.add_argument(
+        "--gpu_memory_gb",
+        type=float,
+        default=80.0,
+        help="GPU memory per device the planner fits the largest model into.",
+    )
+    pl.add_argument(
+        "--num_gpus_per_node",
+        type=int,
+        default=1,
+        help="GPUs per node the planner assumes (the launcher's --num_gpus).",
+    )
+    pl.add_argument("--num_nodes", type=int, default=1, help="Nodes the planner assumes.")
 
     e = p.add_argument_group("engine")
     e.add_argument("--local_rank", type=int, default=-1, help="Set by the DeepSpeed launcher.")
@@ -356,6 +398,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
             lora_module_name=args.lora_module_name,
             only_optimize_lora=args.only_optimize_lora,
             lora_learning_rate=args.lora_learning_rate,
+            save_lora_adapter=args.save_lora_adapter,
         ),
         train=TrainConfig(
             per_device_train_batch_size=args.per_device_train_batch_size,
@@ -380,6 +423,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
             tensorboard_path=args.tensorboard_path,
             deepspeed_config=args.deepspeed_config,
             local_rank=args.local_rank,
+        ),
+        planner=PlannerConfig(
+            estimate_memory=args.estimate_memory,
+            gpu_memory_gb=args.gpu_memory_gb,
+            num_gpus_per_node=args.num_gpus_per_node,
+            num_nodes=args.num_nodes,
         ),
         batch=BatchConfig(
             pad_to_max_len=args.pad_to_max_len,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 
 import torch
 
@@ -33,17 +33,27 @@ def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def accumulation_windows(
-    loader: Iterable[dict[str, torch.Tensor]], accumulation: int, device: torch.device
+    loader: Iterable[dict[str, torch.Tensor]],
+    accumulation: int,
+    device: torch.device,
+    carry: list[dict[str, torch.Tensor]],
 ) -> Iterator[Window]:
     """Group the loader's micro-batches into optimizer steps and count each step's tokens.
 
     Looks ahead over the window (batches stay on the host) so the token count of the
-    whole step, summed over ranks, is known before the first backward. Every rank has the
-    same number of micro-batches, so windows line up across ranks; the last window of an
-    epoch may be shorter than `accumulation`.
+    whole step, summed over ranks, is known before its first backward. Every rank has the
+    same number of micro-batches, so windows line up across ranks. An epoch's last few
+    micro-batches (fewer than `accumulation`) wait in `carry` and open the next epoch's
+    first window: DeepSpeed counts accumulation across epoch ends, and no step happens
+    in between, so training them then gives the same step. After the last epoch they
+    are never trained (DeepSpeed would never step them either).
     """
-    batches = iter(loader)
+    batches = chain(list(carry), loader)
+    carry.clear()
     while window := list(islice(batches, accumulation)):
+        if len(window) < accumulation:
+            carry.extend(window)
+            return
         local = sum(trained_tokens(b) for b in window)
         (total,) = all_reduce_sum([local], device)
         yield Window(window, int(total))

@@ -126,7 +126,10 @@ def build_model(
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing keeps gradients flowing to adapters even when
         # every base weight (and so every checkpointed input) is frozen.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:  # transformers < 5
+            model.gradient_checkpointing_enable({"use_reentrant": False})
     return model
 
 

@@ -6,14 +6,11 @@ import torch
 from transformers import get_scheduler
 
 from utils.config import LoraConfig, TrainConfig
+from utils.lora import is_lora_parameter
 
 # Parameters whose names contain these never get weight decay (biases and norm weights).
 NO_DECAY = ("bias", "layer_norm.weight", "layernorm.weight", "norm.weight", "ln_f.weight")
 ADAM_BETAS = (0.9, 0.95)
-
-
-def is_lora_parameter(name: str) -> bool:
-    return "lora_" in name
 
 
 def build_param_groups(model: torch.nn.Module, train: TrainConfig, lora: LoraConfig) -> list[dict]:

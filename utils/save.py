@@ -14,11 +14,14 @@ import shutil
 import tempfile
 
 import torch
+from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from utils.distributed import barrier, is_main_process
+from utils.lora import lora_state_dict, merged_state_dict
 
 COMMIT_MARKER = "config.json"
+LORA_ADAPTER_DIR = "lora_adapter"
 
 
 def gather_state_dict(model: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor] | None:
@@ -29,6 +32,9 @@ def gather_state_dict(model: torch.nn.Module, zero_stage: int) -> dict[str, torc
     """
     import deepspeed
 
+    if isinstance(model, PeftModel):  # LoRA: a plain model with the adapters folded in
+        gather = _zero3_gather(zero_stage)
+        return merged_state_dict(model, gather, keep=is_main_process()) or None
     state: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
         with deepspeed.zero.GatheredParameters([param], enabled=zero_stage == 3):
@@ -38,6 +44,12 @@ def gather_state_dict(model: torch.nn.Module, zero_stage: int) -> dict[str, torc
         if is_main_process() and _is_persistent(model, name):
             state[name] = buffer.detach().to("cpu", copy=True)
     return state if is_main_process() else None
+
+
+def _zero3_gather(zero_stage: int):
+    import deepspeed
+
+    return lambda params: deepspeed.zero.GatheredParameters(params, enabled=zero_stage == 3)
 
 
 def _is_persistent(model: torch.nn.Module, name: str) -> bool:
@@ -58,7 +70,26 @@ def save_hf_model(
     if is_main_process():
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        publish_hf_folder(model, tokenizer, state, output_dir)
+        plain = model.get_base_model() if isinstance(model, PeftModel) else model
+        publish_hf_folder(plain, tokenizer, state, output_dir)
+    barrier()
+
+
+def save_lora_adapter(model: PeftModel, output_dir: str, zero_stage: int) -> None:
+    """PEFT's adapter folder at output_dir/lora_adapter (loadable with PeftModel.from_pretrained),
+    written under a temporary name and renamed into place."""
+    state = lora_state_dict(model, _zero3_gather(zero_stage), keep=is_main_process())
+    if is_main_process():
+        target = os.path.join(output_dir, LORA_ADAPTER_DIR)
+        staging = tempfile.mkdtemp(prefix=".saving-", dir=output_dir)
+        try:
+            model.save_pretrained(staging, state_dict=state)
+            _fsync_tree(staging)
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     barrier()
 
 

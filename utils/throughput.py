@@ -120,7 +120,7 @@ class ThroughputMeter:
         finally:
             self.paused_for += time.perf_counter() - began
 
-    def report(self, overall: bool = False) -> dict[str, float]:
+    def report(self, overall: bool = False) -> dict[str, float | None]:
         """Figures since the last report (or since the start when `overall`), all ranks summed."""
         _synchronize(self.device)
         now = time.perf_counter()
@@ -142,11 +142,11 @@ class ThroughputMeter:
             "padding": 1 - real / max(padded, 1),
             "step_s": elapsed / steps,
             "tflops_per_device": tflops,
-            "mfu": tflops / self.peak if self.peak else float("nan"),
+            "mfu": tflops / self.peak if self.peak else None,  # None: peak unknown
         }
 
 
-def format_throughput(figures: dict[str, float]) -> str:
+def format_throughput(figures: dict[str, float | None]) -> str:
     line = (
         f"{figures['samples_per_s']:.2f} samples/s, {figures['real_tokens_per_s']:.0f} real "
         f"tokens/s, {figures['padded_tokens_per_s']:.0f} padded tokens/s "
@@ -154,7 +154,7 @@ def format_throughput(figures: dict[str, float]) -> str:
         f"{figures['tflops_per_device']:.3g} TFLOPs/device"
     )
     mfu = figures["mfu"]
-    return line if mfu != mfu else f"{line}, MFU {mfu:.1%}"  # NaN: peak unknown
+    return line if mfu is None else f"{line}, MFU {mfu:.1%}"
 
 
 def _synchronize(device: torch.device) -> None:

@@ -14,6 +14,7 @@ from utils.config import TrainConfig
 from utils.data import IGNORE_INDEX
 from utils.distributed import DistInfo, all_reduce_max, all_reduce_sum, print_rank_0
 from utils.loss import accumulation_windows, micro_batch_loss
+from utils.progress import RunMonitor, grad_norm
 from utils.throughput import ThroughputMeter, format_throughput
 
 
@@ -108,12 +109,13 @@ def train(
     dist: DistInfo,
     total_steps: int,
     fp32_loss: bool,
+    monitor: RunMonitor,
     meter: ThroughputMeter,
     loss_averaging: str = "token",
     log_every: int = 10,
 ) -> list[EvalResult]:
     """Run the epochs; evaluate after each. Returns the per-epoch eval results."""
-    results = []
+    results, carry = [], []
     for epoch in range(train_cfg.num_train_epochs):
         # A new order every epoch (DeepSpeed-Chat never tells its sampler the epoch).
         train_loader.sampler.set_epoch(epoch)
@@ -122,15 +124,13 @@ def train(
             f"Total Micro Batches {len(train_loader)}"
         )
         windows = accumulation_windows(
-            train_loader, train_cfg.gradient_accumulation_steps, dist.device
+            train_loader, train_cfg.gradient_accumulation_steps, dist.device, carry
         )
         for window in windows:
             step_nll = 0.0
             for i, batch in enumerate(window.batches):
                 meter.add_batch(batch)
                 batch = to_device(batch, dist.device)
-                # We own the boundary: an epoch's last window may be shorter than
-                # gradient_accumulation_steps and must still end in an optimizer step.
                 engine.set_gradient_accumulation_boundary(i == len(window.batches) - 1)
                 nll, count = forward_nll(engine, batch, fp32_loss)
                 loss = micro_batch_loss(nll, count, window, loss_averaging, dist.world_size)
@@ -140,18 +140,24 @@ def train(
                 step_nll = step_nll + nll.detach()
             meter.end_step()
             step = engine.global_steps
+            monitor.advance(step)
             if train_cfg.print_loss or step % log_every == 0 or step == total_steps:
                 (step_nll,) = all_reduce_sum([float(step_nll)], dist.device)
-                print_rank_0(
-                    f"epoch {epoch + 1} step {step}/{total_steps} "
-                    f"loss {step_nll / max(window.tokens, 1):.4f} lr {engine.get_lr()[0]:.3g} "
-                    f"| {format_throughput(meter.report())}"
+                monitor.log_step(
+                    step,
+                    epoch + 1,
+                    loss=step_nll / max(window.tokens, 1),  # token mean of the whole step
+                    lr=engine.get_lr()[0],
+                    grad_norm=grad_norm(engine),
+                    skipped_steps=engine.skipped_steps,  # fp16 loss-scale overflows
+                    **meter.report(),
                 )
             if step >= total_steps:
                 break
         with meter.paused():
             result = evaluate(engine, eval_loader, dist, fp32_loss)
         log_eval(result, f"Epoch {epoch + 1}/{train_cfg.num_train_epochs}")
+        monitor.log_eval(engine.global_steps, epoch + 1, result)
         results.append(result)
         if engine.global_steps >= total_steps:
             break

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from utils.config import Config, ConfigError, ModelConfig
+from utils.config import Config, ConfigError, ModelConfig, PlannerConfig
+from utils.data import check_data_config
 from utils.model import load_model_config, max_positions
 from utils.packing import packing_problems
 
@@ -29,7 +30,6 @@ def validate(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]:
         ("--per_device_eval_batch_size", t.per_device_eval_batch_size),
         ("--gradient_accumulation_steps", t.gradient_accumulation_steps),
         ("--num_train_epochs", t.num_train_epochs),
-        ("--max_seq_len", d.max_seq_len),
     ):
         if value < 1:
             problems.append(f"{flag} {value} must be at least 1.")
@@ -47,10 +47,14 @@ def validate(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]:
         problems.append(f"--lora_dim {lo.lora_dim} must be 0 (off) or a positive rank.")
     if lo.only_optimize_lora and not lo.enabled:
         problems.append("--only_optimize_lora needs LoRA: add --lora_dim 128 (or another rank).")
+    if lo.save_lora_adapter and not lo.enabled:
+        problems.append("--save_lora_adapter needs LoRA: add --lora_dim 128 (or another rank).")
+    problems += _planner_problems(cfg.planner)
+    problems += check_data_config(d)
     problems += _dtype_problems(e.dtype, on_cuda, bf16_supported)
     if e.deepspeed_config and not os.path.isfile(e.deepspeed_config):
         problems.append(f"--deepspeed_config {e.deepspeed_config!r} does not exist.")
-    if not t.dry_run:
+    if not (t.dry_run or cfg.planner.estimate_memory):
         problems += _output_dir_problems(t.output_dir)
     problems += _model_problems(cfg.model, d.max_seq_len, cfg.batch.packing)
     if cfg.batch.packing and cfg.batch.pad_to_max_len:
@@ -62,6 +66,19 @@ def check_config(cfg: Config, on_cuda: bool, bf16_supported: bool) -> None:
     problems = validate(cfg, on_cuda, bf16_supported)
     if problems:
         raise ConfigError("\n".join(["invalid arguments:", *(f"  - {p}" for p in problems)]))
+
+
+def _planner_problems(planner: PlannerConfig) -> list[str]:
+    problems = []
+    if planner.gpu_memory_gb <= 0:
+        problems.append(f"--gpu_memory_gb {planner.gpu_memory_gb} must be positive, e.g. 80.")
+    for flag, value in (
+        ("--num_gpus_per_node", planner.num_gpus_per_node),
+        ("--num_nodes", planner.num_nodes),
+    ):
+        if value < 1:
+            problems.append(f"{flag} {value} must be at least 1.")
+    return problems
 
 
 def _dtype_problems(dtype: str, on_cuda: bool, bf16_supported: bool) -> list[str]:

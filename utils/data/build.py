@@ -10,8 +10,8 @@ from datasets import Dataset, concatenate_datasets
 from filelock import FileLock
 from transformers import PreTrainedTokenizerBase
 
-from utils.config import DataConfig
-from utils.data.cache import cache_key, load_cached, save_cached
+from utils.config import DataConfig, default_cache_dir
+from utils.data.cache import cache_key, load_cached, predates_process, save_cached
 from utils.data.common import FORMAT_VERSION, DataError, SFTData, SourceStats
 from utils.data.formats import format_rows
 from utils.data.sources import Source, fingerprint_source, load_source, resolve_sources
@@ -25,6 +25,7 @@ def build_sft_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> SFTDa
     """Phase-1 (SFT) train and eval rows, tokenised; built once and then read from the cache.
 
     Safe to call from several processes at once: one builds, the others wait and read.
+    With cfg.rebuild_data_cache an entry older than this process is built again.
     """
     if problems := check_data_config(cfg):
         raise DataError("\n".join(problems))
@@ -41,17 +42,22 @@ def build_sft_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> SFTDa
             "tokenizer": fingerprint_tokenizer(tokenizer),
         }
     )
-    folder = os.path.join(cfg.data_output_path, f"sft-{key}")
-    if not cfg.rebuild_data_cache and (cached := load_cached(folder)):
+    root = cfg.data_output_path or default_cache_dir()
+    folder = os.path.join(root, f"sft-{key}")
+    if cached := load_reusable(folder, cfg.rebuild_data_cache):
         return cached
-    os.makedirs(cfg.data_output_path, exist_ok=True)
+    os.makedirs(root, exist_ok=True)
     with FileLock(folder + ".lock"):
         # Another process may have finished the same entry while this one waited.
-        if not cfg.rebuild_data_cache and (cached := load_cached(folder)):
+        if cached := load_reusable(folder, cfg.rebuild_data_cache):
             return cached
-        with tempfile.TemporaryDirectory(prefix=".build-", dir=cfg.data_output_path) as work:
+        with tempfile.TemporaryDirectory(prefix=".build-", dir=root) as work:
             save_cached(build_uncached(sources, split, cfg, tokenizer, work), folder, work)
     return load_cached(folder)
+
+
+def load_reusable(folder: str, rebuild: bool) -> SFTData | None:
+    return None if rebuild and predates_process(folder) else load_cached(folder)
 
 
 def check_data_config(cfg: DataConfig) -> list[str]:

@@ -13,15 +13,27 @@ import json
 import os
 from typing import Any
 
+import psutil
 from datasets import load_from_disk
 
 from utils.data.common import SFTData, SourceStats
 
 SUMMARY = "sources.json"  # written last: its presence marks a complete entry
+PROCESS_START = psutil.Process().create_time()
 
 
 def cache_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def predates_process(folder: str) -> bool:
+    """True for an entry made before this process started.
+
+    --rebuild_data_cache replaces only such entries, so when rank 0 has just rebuilt
+    the data the other ranks (and concurrent runs waiting on the lock) read it.
+    """
+    summary = os.path.join(folder, SUMMARY)
+    return os.path.isfile(summary) and os.path.getmtime(summary) < PROCESS_START
 
 
 def load_cached(folder: str) -> SFTData | None:

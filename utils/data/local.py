@@ -23,27 +23,22 @@ def is_saved_dataset(path: str) -> bool:
     return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, n)) for n in names)
 
 
-def load_local(path: str, cache_dir: str, eval_splits: tuple[str, ...] = ()) -> dict[str, Dataset]:
-    """{"train": rows[, "eval": rows]} from a file or folder; eval split names tried in order."""
-    eval_splits = (*eval_splits, *EVAL_SPLITS)
+def load_local(
+    path: str, cache_dir: str, eval_splits: tuple[str, ...] = EVAL_SPLITS
+) -> dict[str, Dataset]:
+    """{"train": rows[, "eval": rows]} from a file or folder.
+
+    eval_splits are the split names tried in order for the eval rows; () means train only.
+    """
     if is_saved_dataset(path):
-        return _pick_splits(_load_saved(path), path, eval_splits)
-    if os.path.isfile(path):
+        saved = load_from_disk(path)
+        splits = dict(saved) if isinstance(saved, DatasetDict) else {"train": saved}
+    elif os.path.isfile(path):
         return {"train": load_files([path], cache_dir)}
-    if os.path.isdir(path):
-        found = find_split_files(path)
-        return _pick_splits(
-            {k: load_files(v, cache_dir) for k, v in found.items()}, path, eval_splits
-        )
-    raise DataError(f"data path {path!r} does not exist")
-
-
-def _load_saved(path: str) -> dict[str, Dataset]:
-    saved = load_from_disk(path)
-    return dict(saved) if isinstance(saved, DatasetDict) else {"train": saved}
-
-
-def _pick_splits(splits: dict[str, Dataset], path: str, eval_splits: tuple[str, ...]) -> dict:
+    elif os.path.isdir(path):
+        splits = find_split_files(path)
+    else:
+        raise DataError(f"data path {path!r} does not exist")
     if "train" not in splits:
         raise DataError(
             f"{path}: no train split; found {sorted(splits) or 'no data files'}. Name the "
@@ -54,7 +49,8 @@ def _pick_splits(splits: dict[str, Dataset], path: str, eval_splits: tuple[str, 
     eval_name = next((name for name in eval_splits if name in splits), None)
     if eval_name:
         picked["eval"] = splits[eval_name]
-    return picked
+    # save_to_disk splits are already (memory-mapped) Datasets; folders give file lists.
+    return {k: v if isinstance(v, Dataset) else load_files(v, cache_dir) for k, v in picked.items()}
 
 
 def find_split_files(folder: str) -> dict[str, list[str]]:
@@ -81,12 +77,23 @@ def load_files(files: list[str], cache_dir: str) -> Dataset:
             f"cannot read {files}: use one of the formats {sorted(BUILDERS)} for every file of a split"
         )
     builder = builders.pop()
+    empty = [f for f in files if _is_blank(f)]
+    if empty:
+        raise DataError(
+            f"{empty[0]} is empty: every data file needs rows. Fill it or remove it "
+            "(a folder without an eval file takes its eval rows from a 9:1 split of train)."
+        )
     try:
         return load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
     except (DatasetGenerationError, pyarrow.ArrowException, ValueError) as err:
         cause = err.__cause__ or err
         problem = _find_bad_json(files) if builder == "json" else None
         raise DataError(problem or f"cannot read {files}: {cause}") from err
+
+
+def _is_blank(path: str) -> bool:
+    with open(path, "rb") as f:
+        return not f.read(4096).strip() and os.path.getsize(path) <= 4096
 
 
 def _find_bad_json(files: list[str]) -> str | None:

@@ -10,7 +10,7 @@ from datasets import Dataset, load_dataset
 
 from utils.data.common import DataError
 from utils.data.formats import Formatter, detect_format
-from utils.data.local import BUILDERS, fingerprint_path, load_local
+from utils.data.local import BUILDERS, EVAL_SPLITS, fingerprint_path, load_local
 from utils.data.registry import DATASETS, Adapter
 
 JSONFILE_DIR = "data"  # local/jsonfile reads data/train.json and data/eval.json (DeepSpeed-Chat)
@@ -104,8 +104,14 @@ def find_jsonfile_dir() -> str:
 def load_source(source: Source, cache_dir: str) -> tuple[dict[str, Dataset], Formatter]:
     """{"train": rows[, "eval": rows]} and the formatter for them."""
     adapter = source.adapter
-    eval_splits = (adapter.eval_split,) if adapter and adapter.eval_split else ()
-    splits = load_local(source.path, cache_dir, eval_splits) if source.path else load_hub(adapter)
+    if adapter is None:
+        eval_splits = EVAL_SPLITS
+    else:  # a hub copy: its own eval split first; none for train-only data sets, like the hub
+        eval_splits = (adapter.eval_split, *EVAL_SPLITS) if adapter.eval_split else ()
+    if source.path:
+        splits = load_local(source.path, cache_dir, eval_splits)
+    else:
+        splits = load_hub(source.name, adapter)
     if adapter is None:
         return splits, detect_format(splits["train"].column_names, source.name)
     for split, rows in splits.items():
@@ -118,15 +124,17 @@ def load_source(source: Source, cache_dir: str) -> tuple[dict[str, Dataset], For
     return splits, adapter.format
 
 
-def load_hub(adapter: Adapter) -> dict[str, Dataset]:
-    name = adapter.hub_name
+def load_hub(name: str, adapter: Adapter) -> dict[str, Dataset]:
+    """The hub data set behind catalogue entry `name` (mkqa-Chinese loads mkqa, say)."""
     try:
-        loaded = load_dataset(name, adapter.config)
+        loaded = load_dataset(adapter.hub_name, adapter.config)
     except (ConnectionError, FileNotFoundError, OSError, ValueError) as err:
         raise DataError(
-            f"cannot load {name!r} from the Hugging Face hub ({err}). Offline? On a machine "
-            f"with access run datasets.load_dataset({name!r}).save_to_disk('DIR/{name}') (or "
-            f"download the repository to DIR/{name}), copy DIR here and pass --data_path DIR/{name}"
+            f"cannot load {adapter.hub_name!r} from the Hugging Face hub ({err}). Offline? On a "
+            f"machine with access run datasets.load_dataset({adapter.hub_name!r}"
+            f"{f', {adapter.config!r}' if adapter.config else ''}).save_to_disk('DIR/{name}') "
+            f"(or download the repository to DIR/{name}), copy DIR here and pass "
+            f"--data_path DIR/{name}"
         ) from err
     splits = {"train": loaded["train"]}
     if adapter.eval_split:
@@ -138,4 +146,4 @@ def fingerprint_source(source: Source) -> str:
     """Changes whenever the source's rows change: file contents, or the hub data's fingerprint."""
     if source.path:
         return fingerprint_path(source.path)
-    return ",".join(rows._fingerprint for rows in load_hub(source.adapter).values())
+    return ",".join(rows._fingerprint for rows in load_hub(source.name, source.adapter).values())

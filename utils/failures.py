@@ -1,0 +1,133 @@
+"""Failures that explain themselves, and library noise kept out of the user's way.
+
+Every rank that fails prints one line naming itself and the error on stderr (the
+launcher shows every rank's stderr on the terminal), so the first real error is easy
+to find among the other ranks' "peer closed the connection" follow-ups. An
+out-of-memory error ends with the flags that would fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+
+from utils.config import Config
+
+OOM_EXIT_CODE = 3
+LIBRARIES = r"(torch|deepspeed|transformers|datasets|accelerate|peft)(\.|$)"
+# Allocation failures that surface as plain RuntimeErrors (cuBLAS/NCCL workspaces, CPU tensors).
+OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "can't allocate memory")
+
+
+def suggest_memory_flags(cfg: Config, cpu: bool = False) -> list[str]:
+    """Flag changes that lower memory, cheapest in speed first; empty when all are in use.
+
+    `cpu`: host memory ran out, where --offload makes things worse, not better.
+    """
+    t, e, m = cfg.train, cfg.engine, cfg.model
+    suggestions = []
+    if cpu and e.offload:
+        suggestions.append("no --offload (it keeps optimizer states in CPU memory)")
+    if not m.gradient_checkpointing:
+        suggestions.append("--gradient_checkpointing (recompute activations: far less memory)")
+    if t.per_device_train_batch_size > 1:
+        micro = t.per_device_train_batch_size // 2
+        accumulation = t.gradient_accumulation_steps * 2
+        suggestions.append(
+            f"--per_device_train_batch_size {micro} --gradient_accumulation_steps {accumulation} "
+            "(same global batch, half the activations)"
+        )
+    if e.zero_stage < 3:
+        suggestions.append("--zero_stage 3 (shard parameters, gradients and optimizer states)")
+    if not e.offload and not cpu:
+        suggestions.append("--offload (optimizer states, and parameters at ZeRO-3, in CPU memory)")
+    if not cfg.lora.enabled:
+        suggestions.append("--lora_dim 128 --only_optimize_lora (train adapters only)")
+    return suggestions
+
+
+def explain_oom(cfg: Config | None, cpu: bool = False) -> str:
+    where = "CPU memory" if cpu else "the device's memory"
+    lines = [f"out of memory: the model, its training state and activations do not fit in {where}."]
+    suggestions = suggest_memory_flags(cfg, cpu) if cfg else []
+    if suggestions:
+        lines.append("These flags lower memory (try them in this order):")
+        lines += [f"    {s}" for s in suggestions]
+    else:
+        lines.append(
+            "Every memory-saving flag is already on: use more GPUs or GPUs with more memory."
+        )
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def explain_failures(argv: list[str]) -> Iterator[None]:
+    """Let an uncaught error end the run with this rank's name on it (and OOM advice)."""
+    import torch
+
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError) as err:
+        _report_oom(err, argv)
+    except RuntimeError as err:
+        if not any(m in str(err) for m in OOM_MESSAGES):
+            _report(f"error: {type(err).__name__}: {err}")
+            raise
+        _report_oom(err, argv)
+    except Exception as err:
+        _report(f"error: {type(err).__name__}: {err}")
+        raise
+
+
+def _report_oom(err: BaseException, argv: list[str]) -> None:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    cpu = isinstance(err, MemoryError) or "CPU" in first_line
+    _report(f"error: {first_line}\n{explain_oom(_parse_quietly(argv), cpu)}")
+    sys.exit(OOM_EXIT_CODE)
+
+
+def _report(message: str) -> None:
+    rank = os.environ.get("RANK", "0")
+    host = os.environ.get("HOSTNAME") or os.uname().nodename
+    print(f"[rank {rank} on {host}] {message}", file=sys.stderr, flush=True)
+
+
+def _parse_quietly(argv: list[str]) -> Config | None:
+    from utils.config import parse_args
+
+    try:
+        return parse_args(argv)
+    except SystemExit:  # the run got this far, so this cannot happen; advice is optional
+        return None
+
+
+def quiet_library_noise(is_main: bool, interactive: bool) -> None:
+    """Keep DeepSpeed, transformers and datasets chatter out of the log.
+
+    Other ranks say nothing below errors (they would repeat rank 0 N times); rank 0
+    keeps warnings, each Python warning once, and library progress bars only at a
+    terminal (in a log file they are walls of carriage returns). Call it after the
+    libraries are imported: some install warning filters of their own at import.
+    """
+    import datasets
+    import transformers
+    from deepspeed.utils import logger as deepspeed_logger
+
+    deepspeed_logger.setLevel(logging.WARNING if is_main else logging.ERROR)
+    if is_main:
+        warnings.simplefilter("once")
+        # Deprecations inside the libraries (DeepSpeed calling an old torch API, ...) are
+        # for their maintainers; the user's own code and every UserWarning still show.
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category, module=LIBRARIES)
+    else:
+        warnings.simplefilter("ignore")
+        transformers.logging.set_verbosity_error()
+        datasets.logging.set_verbosity_error()
+    if not (is_main and interactive):
+        transformers.logging.disable_progress_bar()
+        datasets.disable_progress_bars()

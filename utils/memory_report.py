@@ -1,0 +1,100 @@
+"""`--estimate_memory`: the planner's figures for a run as a table and a JSON line.
+
+Reads the model's config only (no weights, no data); see utils/memory_planner.py
+for how each figure is estimated and where DeepSpeed's estimators are used.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from transformers import PretrainedConfig
+
+from utils.config import Config
+from utils.memory_planner import GB, largest_fitting_model, measure_shape, plan_memory
+from utils.model import load_model_config
+
+RULE_OF_THUMB_GB_PER_BILLION = 3  # README: GPU GB / 3 = billions of params (ZeRO-3+GC+LoRA)
+
+
+def estimate_memory(cfg: Config) -> dict:
+    """The planner's figures for this run, as the JSON summary line reports them."""
+    config = load_model_config(cfg.model)
+    plan = plan_memory(measure_shape(config, cfg.lora), cfg)
+    largest = largest_fitting_model(config, cfg)
+    largest_params = largest[0].params if largest else 0
+    rule = cfg.planner.gpu_memory_gb / RULE_OF_THUMB_GB_PER_BILLION * 1e9
+    return {
+        "model_params": plan.shape.total_params,
+        "lora_params": plan.shape.lora_params,
+        "params_gb_per_gpu": plan.states.params / GB,
+        "grads_gb_per_gpu": plan.states.grads / GB,
+        "optimizer_gb_per_gpu": plan.states.optimizer / GB,
+        "model_states_gb_per_gpu": plan.states.total / GB,
+        "activations_gb_per_gpu": plan.activations / GB,
+        "total_gb_per_gpu": plan.total_per_gpu / GB,
+        "total_gpu_gb_per_node": plan.total_per_gpu * cfg.planner.num_gpus_per_node / GB,
+        "cpu_gb_per_node": plan.states.cpu_per_node / GB,
+        "model_states_source": plan.states.source,
+        "gpu_memory_gb": cfg.planner.gpu_memory_gb,
+        "fits": plan.total_per_gpu <= cfg.planner.gpu_memory_gb * GB,
+        "largest_model_params": largest_params,
+        "largest_model_shape": _shape_summary(largest[1]) if largest else None,
+        "largest_model_cpu_gb_per_node": largest[0].states.cpu_per_node / GB if largest else 0,
+        "rule_of_thumb_params": int(rule),
+        "rule_of_thumb_holds": largest_params >= rule,
+        "shape": asdict(plan.shape),
+    }
+
+
+def _shape_summary(config: PretrainedConfig) -> dict:
+    return {
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+    }
+
+
+def format_memory_plan(summary: dict, cfg: Config) -> str:
+    """A per-GPU / per-node table; the last line is the JSON summary."""
+    gpus = cfg.planner.num_gpus_per_node
+    engine, lora = cfg.engine, cfg.lora
+    lora_text = f"LoRA r={lora.lora_dim}" + (
+        " (only LoRA trains)" if lora.only_optimize_lora else ""
+    )
+    rows = [
+        ("parameters", summary["params_gb_per_gpu"]),
+        ("gradients", summary["grads_gb_per_gpu"]),
+        ("optimizer states", summary["optimizer_gb_per_gpu"]),
+        ("activations", summary["activations_gb_per_gpu"]),
+        ("total GPU", summary["total_gb_per_gpu"]),
+    ]
+    lines = [
+        f"Memory plan for {summary['model_params'] / 1e9:.3f}B parameters"
+        + (f" + {summary['lora_params'] / 1e6:.2f}M LoRA" if lora.enabled else ""),
+        f"  ZeRO-{engine.zero_stage}, offload {'on' if engine.offload else 'off'}, dtype "
+        f"{'bf16' if engine.dtype == 'auto' else engine.dtype}, gradient checkpointing "
+        f"{'on' if cfg.model.gradient_checkpointing else 'off'}, "
+        f"{lora_text if lora.enabled else 'no LoRA'}, micro-batch "
+        f"{cfg.train.per_device_train_batch_size} x {cfg.data.max_seq_len} tokens, "
+        f"{cfg.planner.num_nodes} node(s) x {gpus} GPU(s)",
+        f"  {'':<18}{'per GPU':>12}{'per node':>12}",
+    ]
+    lines += [f"  {name:<18}{gb:>10.2f}GB{gb * gpus:>10.2f}GB" for name, gb in rows]
+    lines += [
+        f"  {'host (CPU) memory':<18}{'':>12}{summary['cpu_gb_per_node']:>10.2f}GB",
+        f"  model states: {summary['model_states_source']}; activations: our estimate "
+        "(DeepSpeed has none). Not counted: CUDA context, allocator fragmentation, "
+        "communication buckets (~1-3 GB).",
+        f"  fits {cfg.planner.gpu_memory_gb:g} GB per GPU: {'yes' if summary['fits'] else 'NO'}; "
+        f"largest model of this family and shape ratio that fits: "
+        f"{summary['largest_model_params'] / 1e9:.2f}B parameters {summary['largest_model_shape']}"
+        f" (host memory per node: {summary['largest_model_cpu_gb_per_node']:.0f} GB)",
+        f"  README rule of thumb ({cfg.planner.gpu_memory_gb:g} GB / "
+        f"{RULE_OF_THUMB_GB_PER_BILLION} = {summary['rule_of_thumb_params'] / 1e9:.1f}B params, "
+        f"meant for ZeRO-3 + gradient checkpointing + LoRA): "
+        f"{'holds' if summary['rule_of_thumb_holds'] else 'does not hold'} for these settings",
+        json.dumps(summary, sort_keys=True),
+    ]
+    return "\n".join(lines)

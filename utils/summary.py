@@ -1,0 +1,169 @@
+"""The block printed once before training: what is about to run, in numbers.
+
+Model and parameters, data per source, tokens and the share that carries loss, batch
+geometry, steps, DeepSpeed essentials and the output folder; plus the warnings that
+matter (a data split that leaves SFT a minority of rows, truncated and skipped rows).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow.compute as pc
+
+from utils.batching import collate
+from utils.config import Config
+from utils.data import IGNORE_INDEX, SFTData
+from utils.distributed import print_rank_0, warn_rank_0
+
+RULE = "=" * 72
+
+
+def print_run_summary(
+    cfg: Config, data: SFTData, params: tuple[int, int], ds_config: dict, world_size: int
+) -> None:
+    """Print the summary block and the data warnings (rank 0 only)."""
+    print_rank_0(build_summary(cfg, data, params, ds_config, world_size))
+    for warning in data_warnings(cfg, data):
+        warn_rank_0(warning)
+
+
+def build_summary(
+    cfg: Config, data: SFTData, params: tuple[int, int], ds_config: dict, world_size: int
+) -> str:
+    t = cfg.train
+    total, trainable = params
+    lora = f", LoRA rank {cfg.lora.lora_dim} on '{cfg.lora.lora_module_name}'"
+    micro_batches = t.micro_batches_per_epoch(len(data.train), world_size)
+    total_steps = t.total_steps(len(data.train), world_size)
+    # DeepSpeed carries accumulation across epoch ends, so steps per epoch may be fractional.
+    per_epoch = micro_batches / t.gradient_accumulation_steps
+    uncapped = max(1, t.num_train_epochs * micro_batches // t.gradient_accumulation_steps)
+    capped = f", stopping at {total_steps:,} (--max_steps)" if total_steps < uncapped else ""
+    tokens, loss_share = count_tokens(data)
+    avg = tokens / max(len(data.train), 1)
+    lines = [
+        RULE,
+        "run summary",
+        RULE,
+        f"model        {cfg.model.model_name_or_path}",
+        f"parameters   {_human(total)} total, {_human(trainable)} trainable "
+        f"({100 * trainable / max(total, 1):.1f}%){lora if cfg.lora.enabled else ''}",
+        "data         " + _source_table(data)[0],
+        *("             " + row for row in _source_table(data)[1:]),
+        f"split        --data_split {cfg.data.data_split}: {_split_note(cfg)}",
+        f"tokens       {tokens:,} training tokens ({avg:.0f} per row); "
+        f"loss on {100 * loss_share:.0f}% of them"
+        f"{' (responses only)' if loss_share < 1 else ' (prompts and responses)'}; "
+        f"rows cut at --max_seq_len {cfg.data.max_seq_len}: {_truncated(data):,}",
+        f"batch        {t.per_device_train_batch_size} per device x {_count(world_size, 'rank')} x "
+        f"{t.gradient_accumulation_steps} accumulation = "
+        f"{ds_config.get('train_batch_size')} sequences per optimizer step",
+        f"steps        {per_epoch:,.4g} per epoch x {_count(t.num_train_epochs, 'epoch')} = "
+        f"{_count(uncapped, 'optimizer step')}{capped}",
+        f"deepspeed    {_ds_essentials(ds_config, cfg)}",
+        f"output       {os.path.abspath(t.output_dir) if t.output_dir else '(none: dry run)'}",
+        RULE,
+    ]
+    return "\n".join(lines)
+
+
+def data_warnings(cfg: Config, data: SFTData) -> list[str]:
+    """Warnings a user should act on, each once."""
+    warnings = []
+    if (share := sft_share(cfg.data.data_split)) is not None and share < 0.5 and cfg.data.data_path:
+        warnings.append(
+            f"--data_split {cfg.data.data_split} gives SFT only {100 * share:.0f}% of the "
+            "rows of --data_path (the rest is kept for reward-model and RLHF training); "
+            "to fine-tune on every row use --data_split 10,0,0."
+        )
+    for s in data.sources:
+        if s.truncated_rows:
+            warnings.append(
+                f"{s.name}: {s.truncated_rows:,} rows are longer than --max_seq_len "
+                f"{cfg.data.max_seq_len} and were truncated (their endings are not learned); "
+                "raise --max_seq_len if the model allows."
+            )
+        if s.skipped_rows:
+            warnings.append(
+                f"{s.name}: {s.skipped_rows:,} rows were skipped because their prompt or "
+                "response is missing or empty."
+            )
+    return warnings
+
+
+def count_tokens(data: SFTData) -> tuple[int, float]:
+    """Training tokens, and the share of them the loss is computed on.
+
+    The share follows the collator: if it masks prompt positions, only responses count.
+    """
+    if len(data.train) == 0:
+        return 0, 0.0
+    table = data.train.data
+    tokens = int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py())
+    probe = collate([{"input_ids": [1, 2, 3, 4], "prompt_len": 2}], pad_token_id=0)
+    if int(probe["labels"][0, 0]) != IGNORE_INDEX:
+        return tokens, 1.0
+    prompt = int(pc.sum(table.column("prompt_len")).as_py())
+    return tokens, (tokens - prompt) / max(tokens, 1)
+
+
+def sft_share(data_split: str) -> float | None:
+    try:
+        weights = [float(w) for w in data_split.split(",")]
+    except ValueError:
+        return None
+    return weights[0] / sum(weights) if weights and sum(weights) > 0 else None
+
+
+def _split_note(cfg: Config) -> str:
+    share = sft_share(cfg.data.data_split)
+    if share is None:
+        return "?"
+    note = f"SFT uses {100 * share:.0f}% of each --data_path source's rows"
+    if cfg.data.sft_only_data_path:
+        note += " (all rows of --sft_only_data_path)"
+    return note
+
+
+def _source_table(data: SFTData) -> list[str]:
+    width = max([len(s.name) for s in data.sources] + [6])
+    header = f"{'source':<{width}}  {'train':>9} {'eval':>8} {'skipped':>8} {'truncated':>9} {'train tokens':>13}"
+    rows = [
+        f"{s.name:<{width}}  {s.train_rows:>9,} {s.eval_rows:>8,} {s.skipped_rows:>8,} "
+        f"{s.truncated_rows:>9,} {s.train_tokens:>13,}"
+        for s in data.sources
+    ]
+    total = f"{'total':<{width}}  {len(data.train):>9,} {len(data.eval):>8,}"
+    return [header, *rows, total] if len(data.sources) > 1 else [header, *rows]
+
+
+def _truncated(data: SFTData) -> int:
+    return sum(s.truncated_rows for s in data.sources)
+
+
+def _ds_essentials(ds: dict, cfg: Config) -> str:
+    zero = ds.get("zero_optimization", {})
+    dtype = "bf16" if ds.get("bf16", {}).get("enabled") else "fp32"
+    dtype = "fp16" if ds.get("fp16", {}).get("enabled") else dtype
+    offload = [
+        k.removeprefix("offload_") for k in ("offload_optimizer", "offload_param") if k in zero
+    ]
+    return (
+        f"ZeRO stage {zero.get('stage', 0)}, {dtype}, "
+        f"offload {'+'.join(offload) if offload else 'off'}, "
+        f"gradient clipping {ds.get('gradient_clipping', 'off')}, "
+        f"gradient checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}"
+        f"{', TensorBoard ' + cfg.engine.tensorboard_path if cfg.engine.enable_tensorboard else ''}"
+    )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def _human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
