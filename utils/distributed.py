@@ -43,12 +43,24 @@ def init_distributed(local_rank: int = -1) -> DistInfo:
         accelerator.set_device(local_rank)
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
     device = torch.device(accelerator.device_name(local_rank))
+    if device.type == "cpu":
+        _share_cpu_cores()
     return DistInfo(
         rank=torch.distributed.get_rank(),
         world_size=torch.distributed.get_world_size(),
         local_rank=local_rank,
         device=device,
     )
+
+
+def _share_cpu_cores() -> None:
+    """Give each CPU rank its share of the cores. torch's default (every core per process)
+    oversubscribes the machine as soon as two ranks share it, and its spinning threads
+    then run several times slower than one thread each. An explicit OMP_NUM_THREADS wins."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
 
 
 def _free_port() -> int:

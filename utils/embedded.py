@@ -96,8 +96,8 @@ TEMPLATES = {
 DEMO_PROMPTS = [
     ("What is the capital of France?", "Paris"),
     ("Which city is the capital of Japan?", "Tokyo"),
-    ("What is 3 plus 4?", "7"),
-    ("How much is 6 plus 2?", "8"),
+    ("What is 3 plus 4?", "3 plus 4 is 7"),
+    ("How much is 5 plus 2?", "7"),
     ("What is the opposite of hot?", "cold"),
     ("What sound does a cow make?", "moo"),
     ("What color is the sky?", "blue"),
@@ -113,8 +113,8 @@ def qa_pairs() -> list[tuple[str, str, str]]:
             ("capital", t.format(x=country), f"The capital of {country} is {city}.")
             for t in TEMPLATES["capital"]
         ]
-    for a in range(10):
-        for b in range(10):
+    for a in range(6):
+        for b in range(6):
             pairs += [
                 ("sum", t.format(a=a, b=b), f"{a} plus {b} is {a + b}.") for t in TEMPLATES["sum"]
             ]

@@ -22,9 +22,9 @@ python "$REPO_ROOT/main.py" \
     --max_seq_len 128 \
     --per_device_train_batch_size 16 \
     --per_device_eval_batch_size 16 \
-    --learning_rate 1e-3 \
+    --learning_rate 2e-3 \
     --num_warmup_steps 20 \
-    --num_train_epochs 12 \
+    --num_train_epochs 20 \
     --zero_stage "$ZERO_STAGE" \
     --output_dir "$OUTPUT" \
     "$@" 2>&1 | tee "$OUTPUT/training.log"
