@@ -40,6 +40,7 @@ from utils.preemption import PREEMPTED_EXIT
 from utils.progress import build_monitor
 from utils.save import save_hf_model, save_lora_adapter
 from utils.summary import print_run_summary
+from utils.throughput import build_meter
 from utils.train import evaluate, log_eval, train
 from utils.validate import check_config, resolve_dtype
 from utils.verify import verify_saved_model
@@ -67,15 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
-    engine, total_steps = build_engine(cfg, model, ds_config, len(data.train), dist)
-    run.resume(engine)
     train_loader = build_train_loader(
         data.train,
+        cfg.batch,
         cfg.train.per_device_train_batch_size,
+        cfg.data.max_seq_len,
         tokenizer.pad_token_id,
         cfg.train.seed,
         dist.rank,
         dist.world_size,
+        dtype,
     )
     eval_loader = build_eval_loader(
         data.eval,
@@ -83,13 +85,37 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer.pad_token_id,
         dist.rank,
         dist.world_size,
+        cfg.batch.loss_on,
+    )
+    # Packing changes how many rows an epoch trains, so steps come from the loader.
+    engine, total_steps = build_engine(cfg, model, ds_config, train_loader.sampler.num_rows, dist)
+    run.resume(engine)
+    meter = build_meter(
+        engine.module,
+        cfg.model.gradient_checkpointing,
+        dtype,
+        cfg.batch.peak_tflops,
+        dist.device,
+        dist.world_size,
     )
     fp32_loss = cfg.model.compute_fp32_loss
     monitor = build_monitor(cfg.train.output_dir, cfg.engine, total_steps, engine.global_steps)
     initial = evaluate(engine, eval_loader, dist, fp32_loss)
     log_eval(initial, "Epoch 0 (before training)")
     monitor.log_eval(engine.global_steps, 0, initial)
-    train(engine, train_loader, eval_loader, cfg.train, dist, total_steps, fp32_loss, monitor, run)
+    train(
+        engine,
+        train_loader,
+        eval_loader,
+        cfg.train,
+        dist,
+        total_steps,
+        fp32_loss,
+        monitor,
+        meter,
+        run,
+        cfg.batch.loss_averaging,
+    )
     monitor.close()
     if run.preempted:
         return PREEMPTED_EXIT

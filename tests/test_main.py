@@ -107,7 +107,9 @@ def test_saved_folder_gives_the_engines_logits(tiny_model_dir, data_dir, tmp_pat
     engine, _ = cli.build_engine(
         cfg, build_model(cfg.model, tokenizer, ds_config), ds_config, 80, dist
     )
-    loader = build_train_loader(data.train, 8, tokenizer.pad_token_id, 0, 0, 1)
+    loader = build_train_loader(
+        data.train, cfg.batch, 8, cfg.data.max_seq_len, tokenizer.pad_token_id, 0, 0, 1
+    )
     for _, batch in zip(range(5), loader, strict=False):
         nll, count = forward_nll(engine, batch, fp32=False)
         engine.backward(nll / count)

@@ -271,6 +271,11 @@ def skip_batches(loader, count: int):
         return loader
     from torch.utils.data import DataLoader
 
+    if loader.batch_sampler is None:  # batch_size=None: the sampler yields whole index lists
+        rest = list(itertools.islice(iter(loader.sampler), count, None))
+        return DataLoader(
+            loader.dataset, sampler=rest, batch_size=None, collate_fn=loader.collate_fn
+        )
     indices = itertools.islice(iter(loader.batch_sampler), count, None)
     return DataLoader(
         loader.dataset,

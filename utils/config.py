@@ -22,6 +22,8 @@ SCHEDULERS = (
     "constant_with_warmup",
 )
 DTYPES = ("auto", "fp32", "fp16", "bf16")
+LOSS_ON = ("all", "response")
+LOSS_AVERAGING = ("token", "micro_batch")
 
 
 class ConfigError(UserError):
@@ -50,6 +52,17 @@ class DataConfig:
     eot_token: str = "<|endoftext|>"
     rebuild_data_cache: bool = False
     num_proc: int = 0  # tokenising processes; 0 picks by data size
+
+
+@dataclass
+class BatchConfig:
+    """How rows become micro-batches, which tokens the loss covers, how speed is reported."""
+
+    pad_to_max_len: bool = False  # DeepSpeed-Chat's fixed-length padding (for comparison)
+    packing: bool = False  # several examples per row, attention kept inside each
+    loss_on: str = "all"  # "all" non-pad tokens, or only the "response" tokens
+    loss_averaging: str = "token"  # "token": over a step's tokens; "micro_batch": DS-Chat's
+    peak_tflops: float | None = None  # accelerator peak for MFU; None looks it up
 
 
 @dataclass
@@ -134,6 +147,7 @@ class Config:
     engine: EngineConfig
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="Validate, build data and model config, print a JSON summary, do not train.",
     )
 
+    _add_batch_arguments(p)
+
     lo = p.add_argument_group("LoRA")
     lo.add_argument("--lora_dim", type=int, default=0, help="LoRA rank; > 0 enables LoRA.")
     lo.add_argument(
@@ -343,6 +359,42 @@ def _add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    b = parser.add_argument_group("batching and loss")
+    b.add_argument(
+        "--pad_to_max_len",
+        action="store_true",
+        help="Pad every example to --max_seq_len like DeepSpeed-Chat (slow; for comparison). "
+        "Default: batches of similar lengths, padded to their longest example.",
+    )
+    b.add_argument(
+        "--packing",
+        action="store_true",
+        help="Pack several examples into each row of up to --max_seq_len tokens; attention "
+        "stays inside each example. --per_device_train_batch_size then counts packed rows.",
+    )
+    b.add_argument(
+        "--loss_on",
+        choices=LOSS_ON,
+        default="all",
+        help="'all': every non-pad token (DeepSpeed-Chat); 'response': mask the prompt tokens.",
+    )
+    b.add_argument(
+        "--loss_averaging",
+        choices=LOSS_AVERAGING,
+        default="token",
+        help="'token': a step's loss is the mean over all its trained tokens, across "
+        "micro-batches and ranks; 'micro_batch': mean of per-micro-batch means (DeepSpeed-Chat).",
+    )
+    b.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=None,
+        help="Peak TFLOP/s of one accelerator, for the MFU in the throughput log "
+        "(default: looked up for known GPUs).",
+    )
+
+
 def _add_deepspeed_arguments(parser: argparse.ArgumentParser) -> None:
     """DeepSpeed's own --deepspeed/--deepspeed_config flags, added by DeepSpeed itself."""
     import deepspeed
@@ -415,6 +467,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
             gpu_memory_gb=args.gpu_memory_gb,
             num_gpus_per_node=args.num_gpus_per_node,
             num_nodes=args.num_nodes,
+        ),
+        batch=BatchConfig(
+            pad_to_max_len=args.pad_to_max_len,
+            packing=args.packing,
+            loss_on=args.loss_on,
+            loss_averaging=args.loss_averaging,
+            peak_tflops=args.peak_tflops,
         ),
     )
 

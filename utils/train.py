@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from utils.batching import MODEL_INPUTS
 from utils.checkpoint import Checkpointer, DataPosition, skip_batches
 from utils.config import TrainConfig
 from utils.data import IGNORE_INDEX
 from utils.distributed import DistInfo, all_reduce_max, all_reduce_sum, print_rank_0
+from utils.loss import accumulation_windows, micro_batch_loss
 from utils.progress import RunMonitor, grad_norm
+from utils.throughput import ThroughputMeter, format_throughput
 
 
 @dataclass
@@ -48,7 +50,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 def forward_nll(engine, batch: dict[str, torch.Tensor], fp32: bool) -> tuple[torch.Tensor, int]:
     labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     logits = engine(**inputs, use_cache=False).logits
     return token_nll(logits, labels, fp32)
 
@@ -109,56 +111,74 @@ def train(
     total_steps: int,
     fp32_loss: bool,
     monitor: RunMonitor,
+    meter: ThroughputMeter,
     run: Checkpointer,
+    loss_averaging: str = "token",
     log_every: int = 10,
 ) -> list[EvalResult]:
     """Run the epochs from `run.start`; evaluate after each. Returns the per-epoch eval results.
 
     Returns early, with `run.preempted` set, when a preemption signal stopped the run.
     """
-    results = []
+    results, carry = [], []
     for epoch in range(run.start.epoch, train_cfg.num_train_epochs):
         if engine.global_steps >= total_steps:  # resumed from the run's last checkpoint
             break
         # A new order every epoch (DeepSpeed-Chat never tells its sampler the epoch).
         train_loader.sampler.set_epoch(epoch)
-        skipped = run.start.micro_batches if epoch == run.start.epoch else 0
+        consumed = run.start.micro_batches if epoch == run.start.epoch else 0
         print_rank_0(
             f"Beginning of Epoch {epoch + 1}/{train_cfg.num_train_epochs}, "
             f"Total Micro Batches {len(train_loader)}"
         )
-        started, tokens_seen = time.perf_counter(), 0
-        for consumed, batch in enumerate(skip_batches(train_loader, skipped), skipped + 1):
-            batch = to_device(batch, dist.device)
-            nll, count = forward_nll(engine, batch, fp32_loss)
-            loss = nll / max(count, 1)
-            engine.backward(loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.step()
-            tokens_seen += int(batch["attention_mask"].sum())
+        carried = len(carry)  # the last epoch's leftovers open this epoch's first window
+        windows = accumulation_windows(
+            skip_batches(train_loader, consumed),
+            train_cfg.gradient_accumulation_steps,
+            dist.device,
+            carry,
+        )
+        for window in windows:
+            step_nll = 0.0
+            for i, batch in enumerate(window.batches):
+                meter.add_batch(batch)
+                batch = to_device(batch, dist.device)
+                engine.set_gradient_accumulation_boundary(i == len(window.batches) - 1)
+                nll, count = forward_nll(engine, batch, fp32_loss)
+                loss = micro_batch_loss(nll, count, window, loss_averaging, dist.world_size)
+                # The loss is already divided over the window; DeepSpeed must not divide again.
+                engine.backward(loss, scale_wrt_gas=False)
+                engine.step()
+                step_nll = step_nll + nll.detach()
+            meter.end_step()
+            consumed += len(window.batches) - carried  # the data position counts this epoch's
+            carried = 0
             step = engine.global_steps
             monitor.advance(step)
-            if boundary and (train_cfg.print_loss or step % log_every == 0 or step == total_steps):
-                elapsed = time.perf_counter() - started
+            if train_cfg.print_loss or step % log_every == 0 or step == total_steps:
+                (step_nll,) = all_reduce_sum([float(step_nll)], dist.device)
                 monitor.log_step(
                     step,
                     epoch + 1,
-                    loss=loss.item(),
+                    loss=step_nll / max(window.tokens, 1),  # token mean of the whole step
                     lr=engine.get_lr()[0],
                     grad_norm=grad_norm(engine),
-                    tokens_per_s_per_rank=tokens_seen / elapsed,
                     skipped_steps=engine.skipped_steps,  # fp16 loss-scale overflows
+                    **meter.report(),
                 )
-            if boundary and run.after_step(engine, DataPosition(epoch, consumed)):
+            if run.after_step(engine, DataPosition(epoch, consumed)):
                 return results
-            if boundary and step >= total_steps:
+            if step >= total_steps:
                 break
-        result = evaluate(engine, eval_loader, dist, fp32_loss)
+        with meter.paused():
+            result = evaluate(engine, eval_loader, dist, fp32_loss)
         log_eval(result, f"Epoch {epoch + 1}/{train_cfg.num_train_epochs}")
         monitor.log_eval(engine.global_steps, epoch + 1, result)
         results.append(result)
-        if run.after_epoch(engine, DataPosition(epoch + 1, 0)):
+        # Leftover micro-batches (in `carry`) are in no checkpoint yet: the next step saves.
+        if not carry and run.after_epoch(engine, DataPosition(epoch + 1, 0)):
             return results
         if engine.global_steps >= total_steps:
             break
+    print_rank_0(f"throughput over the run: {format_throughput(meter.report(overall=True))}")
     return results

@@ -1,0 +1,99 @@
+"""Packing: examples share a row but never attend to each other, and the loss is unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from utils.batching import build_train_loader, collate
+from utils.config import BatchConfig
+from utils.packing import PACKING_SUPPORT, collate_packed, pack_rows, packing_problems
+from utils.tiny import build_opt_model
+from utils.train import token_nll
+
+ROWS = [
+    {"input_ids": [5, 9, 14, 22, 31], "prompt_len": 2},
+    {"input_ids": [8, 40, 41, 42, 43, 44, 45, 46, 47], "prompt_len": 4},
+    {"input_ids": [60, 61, 62, 63], "prompt_len": 1},
+]
+
+
+def small_model(model_type: str, tokenizer):
+    # Llama covers the rotary family (mistral, qwen2 share its attention and mask code).
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    if model_type == "llama":
+        return LlamaForCausalLM(LlamaConfig(vocab_size=128, num_attention_heads=4, **small))
+    if model_type == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4))
+    return build_opt_model(tokenizer)
+
+
+def test_packs_hold_every_row_once_within_max_len():
+    lengths = torch.randint(1, 200, (500,), generator=torch.Generator().manual_seed(0)).tolist()
+    packs = pack_rows(lengths, 256)
+    assert sorted(i for p in packs for i in p) == list(range(500))
+    assert all(sum(lengths[i] for i in p) <= 256 for p in packs)
+    assert len(packs) <= 1.05 * sum(lengths) / 256 + 1  # nearly no room left unused
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("model_type", ["opt", "llama", "gpt2"])
+def test_packed_examples_get_exactly_their_own_logits(model_type, attn, tiny_tokenizer):
+    model = small_model(model_type, tiny_tokenizer)
+    model.config._attn_implementation = attn
+    model.eval()
+    batch = collate_packed([ROWS], pad_token_id=1)
+    assert batch["input_ids"].shape == (1, 24)  # 18 tokens, padded to a multiple of 8
+    with torch.no_grad():
+        packed = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+        ).logits[0]
+        start = 0
+        for row in ROWS:
+            alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+            end = start + len(row["input_ids"])
+            assert torch.allclose(packed[start:end], alone, atol=1e-5)
+            start = end
+
+
+@pytest.mark.parametrize("loss_on", ["all", "response"])
+def test_packed_loss_equals_separate_loss(loss_on, tiny_tokenizer):
+    model = build_opt_model(tiny_tokenizer).eval()
+    with torch.no_grad():
+        b = collate_packed([ROWS[:2], ROWS[2:]], pad_token_id=1, loss_on=loss_on)
+        inputs = {k: b[k] for k in ("input_ids", "attention_mask", "position_ids")}
+        packed = token_nll(model(**inputs).logits, b["labels"], fp32=True)
+        p = collate(ROWS, 1, loss_on=loss_on)
+        logits = model(input_ids=p["input_ids"], attention_mask=p["attention_mask"]).logits
+        padded = token_nll(logits, p["labels"], fp32=True)
+    assert packed[1] == padded[1]
+    assert torch.allclose(packed[0], padded[0], rtol=1e-5)
+
+
+def test_bf16_mask_uses_the_compute_dtype():
+    mask = collate_packed([ROWS], 1, mask_dtype=torch.bfloat16)["attention_mask"]
+    assert mask.dtype == torch.bfloat16 and mask.shape == (1, 1, 24, 24)
+    assert mask[0, 0, 6, 4] == torch.finfo(torch.bfloat16).min  # 2nd example cannot see the 1st
+    assert mask[0, 0, 6, 5] == 0
+
+
+def test_packing_loader_trains_every_row_once():
+    dataset = Dataset.from_list(ROWS * 5)
+    loader = build_train_loader(dataset, BatchConfig(packing=True), 2, 32, 1, 0, 0, 1)
+    lengths = sorted(n for b in loader for n in b["seq_lens"].tolist())
+    assert lengths == sorted([5, 9, 4] * 5)
+    assert all(b["input_ids"].shape[1] <= 32 for b in loader)
+
+
+def test_refuses_models_and_attention_that_cannot_isolate_examples():
+    assert packing_problems("opt", "sdpa") == []
+    assert packing_problems("opt", None) == []
+    [unknown] = packing_problems("t5", None)
+    assert "--packing" in unknown and "opt" in unknown
+    [flash] = packing_problems("llama", "flash_attention_2")
+    assert "flash_attention_2" in flash
+    assert set(PACKING_SUPPORT) >= {"opt", "llama", "gpt2"}

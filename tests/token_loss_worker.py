@@ -1,0 +1,81 @@
+"""One optimizer step of utils.train.train on fixed rows, under DeepSpeed; rank 0 saves the weights.
+
+Run by tests/test_loss.py with `torch.distributed.run` (one or two CPU ranks):
+    python tests/token_loss_worker.py OUT MODE ZERO_STAGE MICRO_BATCH ACCUMULATION
+"""
+
+from __future__ import annotations
+
+import sys
+
+import deepspeed
+import torch
+from datasets import Dataset
+from safetensors.torch import save_file
+from transformers import OPTConfig, OPTForCausalLM
+
+from utils.batching import build_eval_loader, build_train_loader
+from utils.config import BatchConfig, EngineConfig, TrainConfig
+from utils.distributed import init_distributed
+from utils.progress import build_monitor
+from utils.throughput import build_meter
+from utils.train import train
+
+PAD = 1
+LENGTHS = [3, 20, 5, 31, 8, 12, 2, 27]  # unequal, so micro-batches hold unequal token counts
+
+
+def build_rows() -> list[dict]:
+    return [
+        {"input_ids": [(11 * i + 5 * j) % 120 + 4 for j in range(n)], "prompt_len": 1}
+        for i, n in enumerate(LENGTHS)
+    ]
+
+
+def build_model() -> OPTForCausalLM:
+    torch.manual_seed(0)
+    config = OPTConfig(
+        vocab_size=128,
+        hidden_size=32,
+        word_embed_proj_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=64,
+        max_position_embeddings=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+        pad_token_id=PAD,
+    )
+    return OPTForCausalLM(config)
+
+
+def main(out: str, mode: str, zero_stage: int, micro: int, accumulation: int) -> None:
+    dist = init_distributed()
+    dataset = Dataset.from_list(build_rows())
+    batch_cfg = BatchConfig(loss_averaging=mode)
+    loader = build_train_loader(dataset, batch_cfg, micro, 64, PAD, 0, dist.rank, dist.world_size)
+    model = build_model()
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        config={
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": accumulation,
+            "train_batch_size": micro * accumulation * dist.world_size,
+            "zero_optimization": {"stage": zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "gradient_clipping": 0.0,  # DeepSpeed's default 1.0 would rescale the update
+        },
+    )
+    train_cfg = TrainConfig(gradient_accumulation_steps=accumulation)
+    meter = build_meter(engine.module, False, "fp32", None, dist.device, dist.world_size)
+    eval_loader = build_eval_loader(dataset, 8, PAD, dist.rank, dist.world_size)
+    monitor = build_monitor(None, EngineConfig(), 1, 0)
+    train(engine, loader, eval_loader, train_cfg, dist, 1, True, monitor, meter, mode)
+    if dist.rank == 0:
+        save_file({k: v.clone() for k, v in engine.module.state_dict().items()}, out)
+
+
+if __name__ == "__main__":
+    out, mode, zero_stage, micro, accumulation = sys.argv[1:]
+    main(out, mode, int(zero_stage), int(micro), int(accumulation))

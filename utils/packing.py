@@ -1,0 +1,114 @@
+"""Sequence packing: several examples per row, each attending only to itself.
+
+A packed row concatenates examples; a 4D additive block-diagonal causal mask keeps
+attention inside each example and position ids restart at 0 for each, so every example
+gets exactly the logits it would get alone. Restarting position ids alone is not enough
+(attention would still cross examples), so packing is allowed only for the model types
+and attention implementations below, which were checked to take such a mask as-is
+(tests/test_packing.py compares packed and separate logits).
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from utils.data import IGNORE_INDEX
+from utils.labels import build_labels
+
+# Model types whose transformers code passes a prepared 4D mask through unchanged and
+# takes position_ids, with the attention implementations verified for each (flash
+# attention takes no 4D mask, so it is refused).
+PACKING_SUPPORT = {
+    model_type: ("eager", "sdpa") for model_type in ("opt", "llama", "mistral", "qwen2", "gpt2")
+}
+
+
+def packing_problems(model_type: str, attn_implementation: str | None) -> list[str]:
+    """Why packing cannot isolate examples for this model, or [] when it can."""
+    supported = PACKING_SUPPORT.get(model_type)
+    if supported is None:
+        return [
+            f"--packing is not supported for model type {model_type!r}: examples could attend "
+            f"to each other. Supported: {', '.join(sorted(PACKING_SUPPORT))}; "
+            "or drop --packing (length-grouped batches already avoid most padding)."
+        ]
+    if attn_implementation is not None and attn_implementation not in supported:
+        return [
+            f"--packing needs attention that takes a 4D mask ({', '.join(supported)}); this "
+            f"model uses {attn_implementation!r}. Drop --packing."
+        ]
+    return []
+
+
+def pack_rows(lengths: list[int], max_len: int) -> list[list[int]]:
+    """Group row indices into packs of at most `max_len` tokens (best fit decreasing).
+
+    Longest rows first, each into the open pack with the least room that still fits it;
+    this leaves very little room unused. Deterministic; rows within a pack keep index order.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    packs: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # sorted (free tokens, pack number) of open packs
+    for i in order:
+        at = bisect.bisect_left(room, (lengths[i], -1))
+        if at < len(room):
+            free, pack = room.pop(at)
+        else:
+            free, pack = max_len, len(packs)
+            packs.append([])
+        packs[pack].append(i)
+        if free - lengths[i] > 0:
+            bisect.insort(room, (free - lengths[i], pack))
+    return [sorted(p) for p in packs]
+
+
+def collate_packed(
+    packs: list[list[dict]],
+    pad_token_id: int,
+    loss_on: str = "all",
+    multiple_of: int = 8,
+    mask_dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Packs (lists of rows) into one batch, padded to the longest pack.
+
+    attention_mask: [B, 1, T, T] additive (0 where a token may attend, the dtype's minimum
+    elsewhere), in the model's compute dtype so every attention kernel accepts it. The pad
+    tail forms its own block, so no query row is fully masked.
+    """
+    longest = max(sum(len(r["input_ids"]) for r in pack) for pack in packs)
+    width = -(-longest // multiple_of) * multiple_of
+    batch = len(packs)
+    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+    labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((batch, width), dtype=torch.long)
+    segment = torch.zeros((batch, width), dtype=torch.long)
+    seq_lens = []
+    for b, pack in enumerate(packs):
+        start = 0
+        for n, row in enumerate(pack):
+            ids, end = row["input_ids"], start + len(row["input_ids"])
+            input_ids[b, start:end] = torch.as_tensor(ids)
+            row_labels = build_labels(row, loss_on)
+            # An example's first token is never predicted from the example before it.
+            row_labels[0] = IGNORE_INDEX
+            labels[b, start:end] = torch.as_tensor(row_labels)
+            position_ids[b, start:end] = torch.arange(len(ids))
+            segment[b, start:end] = n
+            if not row.get("filler"):
+                seq_lens.append(len(ids))
+            start = end
+        position_ids[b, start:] = torch.arange(width - start)
+        segment[b, start:] = len(pack)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    allowed = (segment[:, :, None] == segment[:, None, :]) & causal  # [B, T, T]
+    mask = torch.zeros((batch, 1, width, width), dtype=mask_dtype)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(mask_dtype).min)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "position_ids": position_ids,
+        "labels": labels,
+        "seq_lens": torch.tensor(seq_lens, dtype=torch.long),
+    }
