@@ -38,6 +38,7 @@ from checkpoint_runs import (
 from utils import preemption
 from utils.checkpoint import LATEST, published_checkpoints, skip_batches
 from utils.checkpoint_checks import RUN_STATE, RunShape, check_resumable
+from utils.config import BatchConfig
 from utils.errors import UserError
 from utils.preemption import PREEMPTED_EXIT, install_preemption_handlers, stop_requested
 
@@ -209,16 +210,22 @@ def test_an_unpublished_checkpoint_is_refused_on_the_command_line(
     )
 
 
-def test_skipping_consumed_batches_continues_the_epochs_order(tiny_tokenizer):
+@pytest.mark.parametrize(
+    "batch_cfg", [BatchConfig(), BatchConfig(packing=True)], ids=["rows", "packs"]
+)
+def test_skipping_consumed_batches_continues_the_epochs_order(tiny_tokenizer, batch_cfg):
     from datasets import Dataset
 
     from utils.batching import build_train_loader
 
-    rows = Dataset.from_list([{"input_ids": [5, i], "prompt_len": 1} for i in range(20)])
-    loader = build_train_loader(rows, 3, tiny_tokenizer.pad_token_id, seed=7, rank=1, world_size=2)
+    rows = Dataset.from_list([{"input_ids": [5] * (i % 7 + 2), "prompt_len": 1} for i in range(80)])
+    loader = build_train_loader(
+        rows, batch_cfg, 3, 16, tiny_tokenizer.pad_token_id, seed=7, rank=1, world_size=2
+    )
     loader.sampler.set_epoch(4)
     full = [b["input_ids"].tolist() for b in loader]
     rest = [b["input_ids"].tolist() for b in skip_batches(loader, 2)]
+    assert len(full) > 3
     assert rest == full[2:]
 
 
