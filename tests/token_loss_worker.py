@@ -6,6 +6,7 @@ Run by tests/test_loss.py with `torch.distributed.run` (one or two CPU ranks):
 
 from __future__ import annotations
 
+import os
 import sys
 
 import deepspeed
@@ -15,7 +16,8 @@ from safetensors.torch import save_file
 from transformers import OPTConfig, OPTForCausalLM
 
 from utils.batching import build_eval_loader, build_train_loader
-from utils.config import BatchConfig, EngineConfig, TrainConfig
+from utils.checkpoint import start_run
+from utils.config import BatchConfig, CheckpointConfig, EngineConfig, TrainConfig
 from utils.distributed import init_distributed
 from utils.progress import build_monitor
 from utils.throughput import build_meter
@@ -55,6 +57,7 @@ def main(out: str, mode: str, zero_stage: int, micro: int, accumulation: int) ->
     batch_cfg = BatchConfig(loss_averaging=mode)
     loader = build_train_loader(dataset, batch_cfg, micro, 64, PAD, 0, dist.rank, dist.world_size)
     model = build_model()
+    run = start_run(CheckpointConfig(), os.path.dirname(out), model, {}, dist)
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
@@ -71,7 +74,7 @@ def main(out: str, mode: str, zero_stage: int, micro: int, accumulation: int) ->
     meter = build_meter(engine.module, False, "fp32", None, dist.device, dist.world_size)
     eval_loader = build_eval_loader(dataset, 8, PAD, dist.rank, dist.world_size)
     monitor = build_monitor(None, EngineConfig(), 1, 0)
-    train(engine, loader, eval_loader, train_cfg, dist, 1, True, monitor, meter, mode)
+    train(engine, loader, eval_loader, train_cfg, dist, 1, True, monitor, meter, run, mode)
     if dist.rank == 0:
         save_file({k: v.clone() for k, v in engine.module.state_dict().items()}, out)
 

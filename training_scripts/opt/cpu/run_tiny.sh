@@ -20,7 +20,7 @@ python "$REPO_ROOT/main.py" \
     --data_path "$EMBEDDED/data" \
     --data_split 10,0,0 \
     --max_seq_len 128 \
-    --per_device_train_batch_size 16 \
+    --per_device_train_batch_size 8 \
     --per_device_eval_batch_size 16 \
     --learning_rate 2e-3 \
     --num_warmup_steps 20 \
