@@ -68,6 +68,28 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    train_loader, eval_loader = build_loaders(cfg, data, tokenizer, dist, dtype)
+    # Packing changes how many rows an epoch trains, so steps come from the loader.
+    engine, total_steps = build_engine(cfg, model, ds_config, train_loader.sampler.num_rows, dist)
+    run.resume(engine)
+    fit(cfg, engine, train_loader, eval_loader, dist, dtype, total_steps, run)
+    if run.preempted:
+        return PREEMPTED_EXIT
+    save_model(cfg, engine, tokenizer, eval_loader, dist)
+    return 0
+
+
+def check_flags(cfg: Config) -> str:
+    """Validate every flag (one error listing all problems); return the resolved dtype."""
+    accelerator = get_accelerator()
+    on_cuda = accelerator.device_name() == "cuda"
+    bf16 = accelerator.is_bf16_supported()
+    check_config(cfg, on_cuda, bf16)
+    return resolve_dtype(cfg.engine.dtype, on_cuda, bf16)
+
+
+def build_loaders(cfg: Config, data: SFTData, tokenizer, dist: DistInfo, dtype: str):
+    """This rank's training micro-batches and its share of the eval rows."""
     train_loader = build_train_loader(
         data.train,
         cfg.batch,
@@ -87,9 +109,36 @@ def main(argv: list[str] | None = None) -> int:
         dist.world_size,
         cfg.batch.loss_on,
     )
-    # Packing changes how many rows an epoch trains, so steps come from the loader.
-    engine, total_steps = build_engine(cfg, model, ds_config, train_loader.sampler.num_rows, dist)
-    run.resume(engine)
+    return train_loader, eval_loader
+
+
+def build_engine(cfg: Config, model, ds_config: dict, train_rows: int, dist: DistInfo):
+    """The DeepSpeed engine around the model, its optimizer and LR schedule."""
+    total_steps = cfg.train.total_steps(train_rows, dist.world_size)
+    optimizer = build_optimizer(
+        build_param_groups(model, cfg.train, cfg.lora),
+        cfg.train,
+        on_cuda=dist.device.type == "cuda",
+        offload=cfg.engine.offload,
+    )
+    scheduler = build_scheduler(optimizer, cfg.train, total_steps)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine, total_steps
+
+
+def fit(
+    cfg: Config,
+    engine,
+    train_loader,
+    eval_loader,
+    dist: DistInfo,
+    dtype: str,
+    total_steps: int,
+    run,
+) -> None:
+    """Evaluate the starting point, then train (logging speed and metrics as it goes)."""
     meter = build_meter(
         engine.module,
         cfg.model.gradient_checkpointing,
@@ -117,39 +166,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg.batch.loss_averaging,
     )
     monitor.close()
-    if run.preempted:
-        return PREEMPTED_EXIT
-    save_hf_model(engine.module, tokenizer, cfg.train.output_dir, cfg.engine.zero_stage)
+
+
+def save_model(cfg: Config, engine, tokenizer, eval_loader, dist: DistInfo) -> None:
+    """Write the Hugging Face folder (and the LoRA adapter if asked), then prove it reloads."""
+    output_dir, zero_stage = cfg.train.output_dir, cfg.engine.zero_stage
+    save_hf_model(engine.module, tokenizer, output_dir, zero_stage)
     if cfg.lora.save_lora_adapter:
-        save_lora_adapter(engine.module, cfg.train.output_dir, cfg.engine.zero_stage)
-    print_rank_0(f"saved the fine-tuned model to {cfg.train.output_dir}")
-    verify_saved_model(engine, cfg.train.output_dir, eval_loader, dist, cfg.model.trust_remote_code)
-    return 0
-
-
-def check_flags(cfg: Config) -> str:
-    """Validate every flag (one error listing all problems); return the resolved dtype."""
-    accelerator = get_accelerator()
-    on_cuda = accelerator.device_name() == "cuda"
-    bf16 = accelerator.is_bf16_supported()
-    check_config(cfg, on_cuda, bf16)
-    return resolve_dtype(cfg.engine.dtype, on_cuda, bf16)
-
-
-def build_engine(cfg: Config, model, ds_config: dict, train_rows: int, dist: DistInfo):
-    """The DeepSpeed engine around the model, its optimizer and LR schedule."""
-    total_steps = cfg.train.total_steps(train_rows, dist.world_size)
-    optimizer = build_optimizer(
-        build_param_groups(model, cfg.train, cfg.lora),
-        cfg.train,
-        on_cuda=dist.device.type == "cuda",
-        offload=cfg.engine.offload,
-    )
-    scheduler = build_scheduler(optimizer, cfg.train, total_steps)
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-    )
-    return engine, total_steps
+        save_lora_adapter(engine.module, output_dir, zero_stage)
+    print_rank_0(f"saved the fine-tuned model to {output_dir}")
+    verify_saved_model(engine, output_dir, eval_loader, dist, cfg.model.trust_remote_code)
 
 
 def dry_run(cfg: Config, tokenizer, data: SFTData, ds_config: dict, world_size: int) -> int:
