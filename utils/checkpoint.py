@@ -34,6 +34,7 @@ from utils.distributed import DistInfo, barrier, print_rank_0, warn_rank_0
 from utils.errors import UserError
 from utils.preemption import install_preemption_handlers, stop_requested
 from utils.resume_state import gather_rng_states, replay_cpu_adam_steps, set_rng_state
+from utils.save import fsync_tree
 
 PREFIX = "checkpoint-"
 TEMP_PREFIX = ".tmp-"
@@ -143,7 +144,7 @@ def save_checkpoint(
         state = {"step": step, "position": asdict(position), "shape": asdict(shape)}
         state["files"] = sorted(os.listdir(temp))
         _write_atomically(os.path.join(temp, RUN_STATE), json.dumps(state))
-        _fsync_tree(temp)
+        fsync_tree(temp)
         _publish(temp, final, step, output_dir)
     barrier()
     return final
@@ -183,13 +184,6 @@ def _write_atomically(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(temp, path)
-
-
-def _fsync_tree(folder: str) -> None:
-    for root, _, files in os.walk(folder):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
 
 
 @dataclass

@@ -84,7 +84,7 @@ def save_lora_adapter(model: PeftModel, output_dir: str, zero_stage: int) -> Non
         staging = tempfile.mkdtemp(prefix=".saving-", dir=output_dir)
         try:
             model.save_pretrained(staging, state_dict=state)
-            _fsync_tree(staging)
+            fsync_tree(staging)
             if os.path.exists(target):
                 shutil.rmtree(target)
             os.replace(staging, target)
@@ -107,7 +107,7 @@ def publish_hf_folder(
         tokenizer.save_pretrained(staging)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(staging)
-        _fsync_tree(staging)
+        fsync_tree(staging)
         marker = os.path.join(output_dir, COMMIT_MARKER)
         if os.path.exists(marker):
             os.remove(marker)  # invalidate the old model before any of its files change
@@ -119,9 +119,9 @@ def publish_hf_folder(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _fsync_tree(folder: str) -> None:
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
+def fsync_tree(folder: str) -> None:
+    """Flush every file under `folder` to disk before it is published by a rename."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
                 os.fsync(f.fileno())

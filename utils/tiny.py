@@ -13,6 +13,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
+from utils.model import padded_vocab_size
+
 BOS, PAD, UNK, EOT = "</s>", "<pad>", "<unk>", "<|endoftext|>"
 
 
@@ -53,7 +55,7 @@ def build_opt_model(
     seed: int = 0,
 ) -> OPTForCausalLM:
     """A randomly initialised OPT with the tokenizer's vocabulary (rounded up to a multiple of 8)."""
-    vocab = -(-len(tokenizer) // 8) * 8
+    vocab = padded_vocab_size(tokenizer)
     config = OPTConfig(
         vocab_size=vocab,
         hidden_size=hidden_size,
