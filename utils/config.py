@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from utils.errors import UserError
 
@@ -404,78 +404,29 @@ def _add_deepspeed_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_args(argv: list[str] | None = None) -> Config:
     args = build_parser().parse_args(argv)
-    data_output_path = args.data_output_path or default_cache_dir()
     return Config(
-        model=ModelConfig(
-            model_name_or_path=args.model_name_or_path,
-            dropout=args.dropout,
-            trust_remote_code=args.trust_remote_code,
-            gradient_checkpointing=args.gradient_checkpointing,
-            compute_fp32_loss=args.compute_fp32_loss,
-            add_eot_token=args.add_eot_token,
-            eot_token=args.eot_token,
-        ),
-        data=DataConfig(
+        model=_from_args(ModelConfig, args),
+        data=_from_args(
+            DataConfig,
+            args,
             data_path=list(args.data_path),
-            data_split=args.data_split,
             sft_only_data_path=list(args.sft_only_data_path),
-            data_output_path=data_output_path,
-            max_seq_len=args.max_seq_len,
-            seed=args.seed,
-            eot_token=args.eot_token,
-            rebuild_data_cache=args.rebuild_data_cache,
+            data_output_path=args.data_output_path or default_cache_dir(),
             num_proc=args.data_num_proc,
         ),
-        lora=LoraConfig(
-            lora_dim=args.lora_dim,
-            lora_module_name=args.lora_module_name,
-            only_optimize_lora=args.only_optimize_lora,
-            lora_learning_rate=args.lora_learning_rate,
-            save_lora_adapter=args.save_lora_adapter,
-        ),
-        train=TrainConfig(
-            per_device_train_batch_size=args.per_device_train_batch_size,
-            per_device_eval_batch_size=args.per_device_eval_batch_size,
-            learning_rate=args.learning_rate,
-            weight_decay=args.weight_decay,
-            num_train_epochs=args.num_train_epochs,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            lr_scheduler_type=args.lr_scheduler_type,
-            num_warmup_steps=args.num_warmup_steps,
-            max_steps=args.max_steps,
-            seed=args.seed,
-            output_dir=args.output_dir,
-            print_loss=args.print_loss,
-            dry_run=args.dry_run,
-        ),
-        engine=EngineConfig(
-            zero_stage=args.zero_stage,
-            offload=args.offload,
-            dtype=args.dtype,
-            enable_tensorboard=args.enable_tensorboard,
-            tensorboard_path=args.tensorboard_path,
-            deepspeed_config=args.deepspeed_config,
-            local_rank=args.local_rank,
-        ),
-        checkpoint=CheckpointConfig(
-            save_steps=args.save_steps,
-            save_total_limit=args.save_total_limit,
-            resume_from_checkpoint=args.resume_from_checkpoint,
-        ),
-        planner=PlannerConfig(
-            estimate_memory=args.estimate_memory,
-            gpu_memory_gb=args.gpu_memory_gb,
-            num_gpus_per_node=args.num_gpus_per_node,
-            num_nodes=args.num_nodes,
-        ),
-        batch=BatchConfig(
-            pad_to_max_len=args.pad_to_max_len,
-            packing=args.packing,
-            loss_on=args.loss_on,
-            loss_averaging=args.loss_averaging,
-            peak_tflops=args.peak_tflops,
-        ),
+        lora=_from_args(LoraConfig, args),
+        train=_from_args(TrainConfig, args),
+        engine=_from_args(EngineConfig, args),
+        checkpoint=_from_args(CheckpointConfig, args),
+        planner=_from_args(PlannerConfig, args),
+        batch=_from_args(BatchConfig, args),
     )
+
+
+def _from_args(cls, args: argparse.Namespace, **overrides):
+    """`cls` filled from the flags of the same names (config fields are named after flags)."""
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **overrides})
 
 
 def default_cache_dir() -> str:
