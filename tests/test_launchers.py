@@ -178,14 +178,17 @@ def test_cpu_memory_kill_is_explained(tmp_path, fake_deepspeed):
     assert "lack of CPU memory" in (output / "training.log").read_text()
 
 
-def test_multi_node_without_hostfile_or_master_addr_says_what_to_set(tmp_path, fake_deepspeed):
+def test_multi_node_without_hostfile_or_master_addr_says_what_to_set(
+    tmp_path, fake_deepspeed, monkeypatch
+):
+    # An earlier in-process run (main.main) leaves MASTER_ADDR in this process's environment.
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
     env = {"PATH": f"{fake_deepspeed}{os.pathsep}{os.environ['PATH']}"}
     env |= {"FAKE_DEEPSPEED_ARGS": str(tmp_path / "args"), "HOSTFILE": str(tmp_path / "none")}
     result = run_script("opt/multi_node/run_66b.sh", [str(tmp_path / "o")], env, tmp_path)
     assert result.returncode == 2 and "set HOSTFILE" in result.stderr
     (tmp_path / "hostfile").write_text("a slots=1\nb slots=1\n")
     env |= {"HOSTFILE": str(tmp_path / "hostfile"), "NODE_RANK": "1"}
-    env.pop("MASTER_ADDR", None)
     result = run_script("opt/multi_node/run_66b.sh", [str(tmp_path / "o")], env, tmp_path)
     assert result.returncode == 2 and "needs MASTER_ADDR" in result.stderr
 
