@@ -18,10 +18,11 @@ import deepspeed
 from deepspeed.accelerator import get_accelerator
 from transformers import set_seed
 
-from utils.batching import build_eval_loader, build_train_loader
-from utils.checkpoint import start_run
+from utils.cli.validate import check_config, resolve_dtype
 from utils.config import Config, parse_args
-from utils.data import SFTData, build_sft_data
+from utils.data.build import build_sft_data
+from utils.data.common import SFTData
+from utils.data.loaders import build_eval_loader, build_train_loader
 from utils.distributed import (
     DistInfo,
     init_distributed,
@@ -29,21 +30,21 @@ from utils.distributed import (
     print_rank_0,
     rank_zero_first,
 )
-from utils.ds_config import build_ds_config
+from utils.engine.checkpoint import start_run
+from utils.engine.ds_config import build_ds_config
+from utils.engine.loop import evaluate, log_eval, train
+from utils.engine.optim import build_optimizer, build_param_groups, build_scheduler
+from utils.engine.preemption import PREEMPTED_EXIT
 from utils.errors import UserError
-from utils.failures import explain_failures, quiet_library_noise
-from utils.lora import apply_lora
-from utils.memory_report import estimate_memory, format_memory_plan
-from utils.model import build_model, count_parameters, load_tokenizer
-from utils.optim import build_optimizer, build_param_groups, build_scheduler
-from utils.preemption import PREEMPTED_EXIT
-from utils.progress import build_monitor
-from utils.save import save_hf_model, save_lora_adapter
-from utils.summary import print_run_summary
-from utils.throughput import build_meter
-from utils.train import evaluate, log_eval, train
-from utils.validate import check_config, resolve_dtype
-from utils.verify import verify_saved_model
+from utils.model.load import build_model, count_parameters, load_tokenizer
+from utils.model.lora import apply_lora
+from utils.model.save import save_hf_model, save_lora_adapter
+from utils.model.verify import verify_saved_model
+from utils.observe.failures import explain_failures, quiet_library_noise
+from utils.observe.progress import build_monitor
+from utils.observe.summary import print_run_summary
+from utils.observe.throughput import build_meter
+from utils.planner.report import estimate_memory, format_memory_plan
 
 
 def main(argv: list[str] | None = None) -> int:

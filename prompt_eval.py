@@ -16,17 +16,17 @@ import sys
 from transformers.utils import logging as hf_logging
 
 from utils.errors import UserError
-from utils.generation import (
+from utils.evaluate.config import PromptEvalConfig, parse_args, validate
+from utils.evaluate.generation import (
     describe_tokenizer_mismatch,
     generate_answers,
     load_eval_model,
     load_eval_tokenizer,
     select_device_dtype,
 )
-from utils.perplexity import compute_perplexity, load_eval_rows
-from utils.prompt_eval_config import PromptEvalConfig, parse_args, validate
-from utils.prompt_report import build_report, format_console, save_report
-from utils.prompts import PROMPT_SETS, load_prompts
+from utils.evaluate.perplexity import compute_perplexity, load_eval_rows
+from utils.evaluate.prompts import PROMPT_SETS, load_prompts
+from utils.evaluate.report import build_report, format_console, save_report
 
 
 def main(argv: list[str] | None = None) -> None:

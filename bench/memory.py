@@ -85,7 +85,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     from transformers import OPTConfig, OPTForCausalLM
 
     from utils.config import LoraConfig
-    from utils.lora import apply_lora
+    from utils.model.lora import apply_lora
 
     spec = VARIANTS[args.variant]
     ids = load_batch(args).to(args.device)

@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from utils.generation import DecodingConfig, generate_answers
-from utils.prompts import PROMPT_SETS
-from utils.tiny import EOT, build_opt_model, build_tokenizer
+from utils.demo.tiny import EOT, build_opt_model, build_tokenizer
+from utils.evaluate.generation import DecodingConfig, generate_answers
+from utils.evaluate.prompts import PROMPT_SETS
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ CORPUS = [
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from utils.tiny import build_tokenizer
+    from utils.demo.tiny import build_tokenizer
 
     return build_tokenizer(CORPUS, vocab_size=400)
 
@@ -29,7 +29,7 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     """A saved tiny OPT (model + tokenizer) folder, as a user would pass to --model_name_or_path."""
-    from utils.tiny import build_opt_model
+    from utils.demo.tiny import build_opt_model
 
     path = tmp_path_factory.mktemp("tiny-opt")
     build_opt_model(tiny_tokenizer).save_pretrained(path)

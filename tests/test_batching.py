@@ -6,12 +6,12 @@ import pytest
 import torch
 from datasets import Dataset
 
-from utils.batching import build_eval_loader, build_train_loader, collate
 from utils.config import BatchConfig
-from utils.data import IGNORE_INDEX
-from utils.sampler import FILLER, LengthGroupedSampler
-from utils.tiny import build_opt_model
-from utils.train import token_nll
+from utils.data.common import IGNORE_INDEX
+from utils.data.loaders import build_eval_loader, build_train_loader, collate
+from utils.data.sampler import FILLER, LengthGroupedSampler
+from utils.demo.tiny import build_opt_model
+from utils.engine.loop import token_nll
 
 PAD = 1
 

@@ -35,12 +35,12 @@ from checkpoint_runs import (
     write_data,
 )
 
-from utils import preemption
-from utils.checkpoint import LATEST, published_checkpoints, skip_batches
-from utils.checkpoint_checks import RUN_STATE, RunShape, check_resumable
+from utils.engine import preemption
 from utils.config import BatchConfig
+from utils.engine.checkpoint import LATEST, published_checkpoints, skip_batches
+from utils.engine.checkpoint_checks import RUN_STATE, RunShape, check_resumable
+from utils.engine.preemption import PREEMPTED_EXIT, install_preemption_handlers, stop_requested
 from utils.errors import UserError
-from utils.preemption import PREEMPTED_EXIT, install_preemption_handlers, stop_requested
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +216,7 @@ def test_an_unpublished_checkpoint_is_refused_on_the_command_line(
 def test_skipping_consumed_batches_continues_the_epochs_order(tiny_tokenizer, batch_cfg):
     from datasets import Dataset
 
-    from utils.batching import build_train_loader
+    from utils.data.loaders import build_train_loader
 
     rows = Dataset.from_list([{"input_ids": [5] * (i % 7 + 2), "prompt_len": 1} for i in range(80)])
     loader = build_train_loader(
@@ -258,7 +258,7 @@ def test_a_saved_folder_that_does_not_reproduce_the_model_is_an_error(tmp_path, 
     from transformers import AutoModelForCausalLM
 
     from utils.distributed import DistInfo
-    from utils.verify import SavedModelMismatch, verify_saved_model
+    from utils.model.verify import SavedModelMismatch, verify_saved_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     eval_batches = [

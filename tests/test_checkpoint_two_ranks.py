@@ -31,10 +31,10 @@ from checkpoint_runs import (
     write_data,
 )
 
-from utils.checkpoint import LATEST, published_checkpoints
-from utils.checkpoint_checks import RUN_STATE, RunShape, check_resumable
+from utils.engine.checkpoint import LATEST, published_checkpoints
+from utils.engine.checkpoint_checks import RUN_STATE, RunShape, check_resumable
+from utils.engine.preemption import PREEMPTED_EXIT
 from utils.errors import UserError
-from utils.preemption import PREEMPTED_EXIT
 
 pytestmark = pytest.mark.slow
 TOTAL_STEPS = 9  # 34 rows: 9 micro-batches per rank and epoch, accumulation 2

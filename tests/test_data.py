@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from utils.config import DataConfig
-from utils.data import build_sft_data
+from utils.data.build import build_sft_data
 
 EOT = "<|endoftext|>"
 

@@ -15,8 +15,8 @@ import pytest
 import utils.data.build as build_module
 import utils.data.cache as cache_module
 from utils.config import DataConfig
-from utils.data import build_sft_data
-from utils.tiny import build_tokenizer
+from utils.data.build import build_sft_data
+from utils.demo.tiny import build_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

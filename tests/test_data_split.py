@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from utils.config import DataConfig
-from utils.data import build_sft_data
+from utils.data.build import build_sft_data
 from utils.data.split import partition, partition_bounds, resample
 
 

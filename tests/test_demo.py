@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from utils.embedded import DEMO_PROMPTS
-from utils.tiny import EOT
+from utils.demo.embedded import DEMO_PROMPTS
+from utils.demo.tiny import EOT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

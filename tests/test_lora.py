@@ -8,15 +8,15 @@ from peft import PeftModel
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from utils.config import LoraConfig
+from utils.demo.tiny import build_opt_model
 from utils.errors import UserError
-from utils.lora import (
+from utils.model.lora import (
     apply_lora,
     is_lora_parameter,
     lora_state_dict,
     merged_state_dict,
     resolve_lora_targets,
 )
-from utils.tiny import build_opt_model
 
 OPT_LAYER_LINEARS = {"self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"}
 OPT_LAYER_LINEARS |= {"self_attn.out_proj", "fc1", "fc2"}
@@ -183,7 +183,7 @@ def test_gradient_checkpointing_with_only_lora_trains_the_adapters(reentrant, ti
 
 def test_lora_weights_get_the_lora_learning_rate(tiny_tokenizer):
     from utils.config import TrainConfig
-    from utils.optim import build_param_groups
+    from utils.engine.optim import build_param_groups
 
     lora = LoraConfig(lora_dim=4, lora_learning_rate=5e-4)
     model = apply_lora(build_opt_model(tiny_tokenizer), lora)
@@ -197,8 +197,8 @@ def test_lora_weights_get_the_lora_learning_rate(tiny_tokenizer):
 
 
 def test_lora_and_planner_flags_are_validated_together(tiny_model_dir):
+    from utils.cli.validate import validate
     from utils.config import parse_args
-    from utils.validate import validate
 
     cfg = parse_args(["--model_name_or_path", str(tiny_model_dir), "--save_lora_adapter",
                       "--gpu_memory_gb", "0", "--num_nodes", "0", "--estimate_memory"])  # fmt: skip

@@ -15,7 +15,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from utils.config import parse_args
-from utils.lora import is_lora_parameter
+from utils.model.lora import is_lora_parameter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIST_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
@@ -64,9 +64,9 @@ def test_only_lora_with_checkpointing_trains_adapters_and_keeps_base_bit_identic
     one_rank_group, tiny_model_dir, tiny_tokenizer
 ):
     from main import build_engine
-    from utils.ds_config import build_ds_config
-    from utils.lora import apply_lora
-    from utils.model import build_model
+    from utils.engine.ds_config import build_ds_config
+    from utils.model.load import build_model
+    from utils.model.lora import apply_lora
 
     cfg = parse_args(["--model_name_or_path", str(tiny_model_dir), "--lora_dim", "4",
                       "--only_optimize_lora", "--gradient_checkpointing", "--lora_learning_rate",

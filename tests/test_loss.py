@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.token_loss_worker import PAD, build_model, build_rows
-from utils.batching import collate
-from utils.loss import accumulation_windows
-from utils.train import token_nll
+from utils.data.loaders import collate
+from utils.engine.accumulation import accumulation_windows
+from utils.engine.loop import token_nll
 
 CPU = torch.device("cpu")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import main as cli
-from utils.embedded import build_rows
+from utils.demo.embedded import build_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PPL = re.compile(r"^ppl: ([0-9.e+-]+|inf), loss: ([0-9.e+-]+)$", re.M)
@@ -90,14 +90,14 @@ def test_engine_variants_train(tiny_model_dir, data_dir, tmp_path, capsys, extra
 
 def test_saved_folder_gives_the_engines_logits(tiny_model_dir, data_dir, tmp_path):
     """The saved folder must reproduce exactly what the trained engine computes."""
-    from utils.batching import build_train_loader
     from utils.config import parse_args
-    from utils.data import build_sft_data
+    from utils.data.build import build_sft_data
+    from utils.data.loaders import build_train_loader
     from utils.distributed import init_distributed
-    from utils.ds_config import build_ds_config
-    from utils.model import build_model, load_tokenizer
-    from utils.save import save_hf_model
-    from utils.train import forward_nll
+    from utils.engine.ds_config import build_ds_config
+    from utils.engine.loop import forward_nll
+    from utils.model.load import build_model, load_tokenizer
+    from utils.model.save import save_hf_model
 
     cfg = parse_args(base_args(tiny_model_dir, data_dir, tmp_path, "--zero_stage", "3"))
     dist = init_distributed()

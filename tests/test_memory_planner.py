@@ -16,8 +16,8 @@ from transformers import GPT2Config, LlamaConfig, OPTConfig
 
 from utils.config import EngineConfig, LoraConfig, PlannerConfig, parse_args
 from utils.errors import UserError
-from utils.lora import apply_lora, is_lora_parameter
-from utils.memory_planner import (
+from utils.model.lora import apply_lora, is_lora_parameter
+from utils.planner.estimate import (
     GB,
     estimate_activations,
     estimate_model_states,
@@ -26,7 +26,7 @@ from utils.memory_planner import (
     plan_memory,
     scale_config,
 )
-from utils.memory_report import estimate_memory, format_memory_plan
+from utils.planner.report import estimate_memory, format_memory_plan
 
 CONFIGS = {
     "opt": lambda: OPTConfig(

@@ -14,10 +14,10 @@ from datasets import Dataset
 from PIL import Image
 
 from utils.config import parse_args
-from utils.data import SFTData, SourceStats
-from utils.failures import OOM_EXIT_CODE, explain_failures, suggest_memory_flags
-from utils.progress import RunMonitor, load_metrics, open_metrics
-from utils.summary import build_summary, data_warnings
+from utils.data.common import SFTData, SourceStats
+from utils.observe.failures import OOM_EXIT_CODE, explain_failures, suggest_memory_flags
+from utils.observe.progress import RunMonitor, load_metrics, open_metrics
+from utils.observe.summary import build_summary, data_warnings
 
 
 class FakeTerminal(io.StringIO):

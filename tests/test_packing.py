@@ -7,11 +7,11 @@ import torch
 from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from utils.batching import build_train_loader, collate
 from utils.config import BatchConfig
-from utils.packing import PACKING_SUPPORT, collate_packed, pack_rows, packing_problems
-from utils.tiny import build_opt_model
-from utils.train import token_nll
+from utils.data.loaders import build_train_loader, collate
+from utils.data.packing import PACKING_SUPPORT, collate_packed, pack_rows, packing_problems
+from utils.demo.tiny import build_opt_model
+from utils.engine.loop import token_nll
 
 ROWS = [
     {"input_ids": [5, 9, 14, 22, 31], "prompt_len": 2},

@@ -18,18 +18,18 @@ import torch
 
 from prompt_eval import run
 from tests.conftest import CORPUS
-from utils.batching import collate
-from utils.generation import (
+from utils.data.loaders import collate
+from utils.demo.tiny import EOT, build_opt_model, build_tokenizer
+from utils.evaluate.generation import (
     DecodingConfig,
     build_generate_kwargs,
     generate_answers,
     load_eval_model,
     load_eval_tokenizer,
 )
-from utils.perplexity import compute_perplexity
-from utils.prompt_report import render_markdown
-from utils.prompts import frame_prompt, load_prompts
-from utils.tiny import EOT, build_opt_model, build_tokenizer
+from utils.evaluate.perplexity import compute_perplexity
+from utils.evaluate.prompts import frame_prompt, load_prompts
+from utils.evaluate.report import render_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 # (prompt, answer) pairs the fine-tuned model learns: " Human: Say hello. Assistant:" -> "Hello! ..."

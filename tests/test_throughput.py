@@ -6,15 +6,15 @@ import math
 
 import torch
 
-from utils.batching import collate
-from utils.throughput import (
+from utils.data.loaders import collate
+from utils.demo.tiny import build_opt_model
+from utils.observe.throughput import (
     FlopShape,
     ThroughputMeter,
     build_flop_shape,
     format_throughput,
     lookup_peak_tflops,
 )
-from utils.tiny import build_opt_model
 
 
 def test_flops_follow_6n_full_4n_lora_8n_checkpointed():

@@ -1,4 +1,4 @@
-"""One optimizer step of utils.train.train on fixed rows, under DeepSpeed; rank 0 saves the weights.
+"""One optimizer step of utils.engine.loop.train on fixed rows, under DeepSpeed; rank 0 saves the weights.
 
 Run by tests/test_loss.py with `torch.distributed.run` (one or two CPU ranks):
     python tests/token_loss_worker.py OUT MODE ZERO_STAGE MICRO_BATCH ACCUMULATION
@@ -15,13 +15,13 @@ from datasets import Dataset
 from safetensors.torch import save_file
 from transformers import OPTConfig, OPTForCausalLM
 
-from utils.batching import build_eval_loader, build_train_loader
-from utils.checkpoint import start_run
 from utils.config import BatchConfig, CheckpointConfig, EngineConfig, TrainConfig
+from utils.data.loaders import build_eval_loader, build_train_loader
 from utils.distributed import init_distributed
-from utils.progress import build_monitor
-from utils.throughput import build_meter
-from utils.train import train
+from utils.engine.checkpoint import start_run
+from utils.engine.loop import train
+from utils.observe.progress import build_monitor
+from utils.observe.throughput import build_meter
 
 PAD = 1
 LENGTHS = [3, 20, 5, 31, 8, 12, 2, 27]  # unequal, so micro-batches hold unequal token counts

@@ -1,17 +1,5 @@
-"""The SFT data layer: sources -> (prompt, response) -> split -> tokenise -> blend -> cache.
+"""The SFT data layer: sources -> (prompt, response) -> split -> tokenise -> blend -> cache -> batches.
 
-Nothing here imports DeepSpeed or torch.distributed, or reads command-line flags:
-callers pass a DataConfig and a tokenizer.
+Nothing here imports DeepSpeed or torch.distributed, or reads command-line flags: callers
+pass a DataConfig and a tokenizer. Import from the modules (`utils.data.build`, ...).
 """
-
-from utils.data.build import build_sft_data, check_data_config
-from utils.data.common import IGNORE_INDEX, DataError, SFTData, SourceStats
-
-__all__ = [
-    "IGNORE_INDEX",
-    "DataError",
-    "SFTData",
-    "SourceStats",
-    "build_sft_data",
-    "check_data_config",
-]

@@ -13,7 +13,7 @@ EMBEDDED=${EMBEDDED:-$REPO_ROOT/embedded}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 
 mkdir -p "$OUTPUT"
-(cd "$REPO_ROOT" && python -m utils.embedded --out "$EMBEDDED")
+(cd "$REPO_ROOT" && python -m utils.demo.embedded --out "$EMBEDDED")
 
 python "$REPO_ROOT/main.py" \
     --model_name_or_path "$EMBEDDED/tiny-opt" \

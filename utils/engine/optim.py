@@ -6,7 +6,7 @@ import torch
 from transformers import get_scheduler
 
 from utils.config import LoraConfig, TrainConfig
-from utils.lora import is_lora_parameter
+from utils.model.lora import is_lora_parameter
 
 # Parameters whose names contain these never get weight decay (biases and norm weights).
 NO_DECAY = ("bias", "layer_norm.weight", "layernorm.weight", "norm.weight", "ln_f.weight")

@@ -28,13 +28,13 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
-from utils.checkpoint_checks import RUN_STATE, RunShape, check_resumable, run_shape
 from utils.config import CheckpointConfig
 from utils.distributed import DistInfo, barrier, print_rank_0, warn_rank_0
+from utils.engine.checkpoint_checks import RUN_STATE, RunShape, check_resumable, run_shape
+from utils.engine.preemption import install_preemption_handlers, stop_requested
+from utils.engine.resume_state import gather_rng_states, replay_cpu_adam_steps, set_rng_state
 from utils.errors import UserError
-from utils.preemption import install_preemption_handlers, stop_requested
-from utils.resume_state import gather_rng_states, replay_cpu_adam_steps, set_rng_state
-from utils.save import fsync_tree
+from utils.model.save import fsync_tree
 
 PREFIX = "checkpoint-"
 TEMP_PREFIX = ".tmp-"

@@ -12,8 +12,8 @@ from dataclasses import asdict
 from transformers import PretrainedConfig
 
 from utils.config import Config
-from utils.memory_planner import GB, largest_fitting_model, measure_shape, plan_memory
-from utils.model import load_model_config
+from utils.model.load import load_model_config
+from utils.planner.estimate import GB, largest_fitting_model, measure_shape, plan_memory
 
 RULE_OF_THUMB_GB_PER_BILLION = 3  # README: GPU GB / 3 = billions of params (ZeRO-3+GC+LoRA)
 

@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
-from utils.model import padded_vocab_size
+from utils.model.load import padded_vocab_size
 
 BOS, PAD, UNK, EOT = "</s>", "<pad>", "<unk>", "<|endoftext|>"
 

@@ -15,7 +15,7 @@ from itertools import chain, islice
 
 import torch
 
-from utils.data import IGNORE_INDEX
+from utils.data.common import IGNORE_INDEX
 from utils.distributed import all_reduce_sum
 
 

@@ -7,11 +7,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.config import DataConfig, default_cache_dir
-from utils.data import check_data_config
+from utils.data.build import check_data_config
 from utils.errors import UserError
-from utils.generation import DECODINGS, HUB_DECODINGS, MODE_FLAGS, DecodingConfig, check_model_path
-from utils.prompt_report import REPORT_FORMATS
-from utils.prompts import PROMPT_SETS
+from utils.evaluate.generation import (
+    DECODINGS,
+    HUB_DECODINGS,
+    MODE_FLAGS,
+    DecodingConfig,
+    check_model_path,
+)
+from utils.evaluate.prompts import PROMPT_SETS
+from utils.evaluate.report import REPORT_FORMATS
 
 ROLES = {"baseline": "--model_name_or_path_baseline", "finetune": "--model_name_or_path_finetune"}
 # The decoding flags only some modes read. They default to None on the command line

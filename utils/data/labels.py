@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from utils.data import IGNORE_INDEX
+from utils.data.common import IGNORE_INDEX
 
 
 def build_labels(row: dict, loss_on: str = "all") -> list[int]:

@@ -18,7 +18,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from utils.distributed import barrier, is_main_process
-from utils.lora import lora_state_dict, merged_state_dict
+from utils.model.lora import lora_state_dict, merged_state_dict
 
 COMMIT_MARKER = "config.json"
 LORA_ADAPTER_DIR = "lora_adapter"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 
-from utils.checkpoint import checkpoint_problems
 from utils.config import Config, ConfigError, ModelConfig, PlannerConfig
-from utils.data import check_data_config
-from utils.model import load_model_config, max_positions
-from utils.packing import packing_problems
+from utils.data.build import check_data_config
+from utils.data.packing import packing_problems
+from utils.engine.checkpoint import checkpoint_problems
+from utils.model.load import load_model_config, max_positions
 
 
 def resolve_dtype(requested: str, on_cuda: bool, bf16_supported: bool) -> str:

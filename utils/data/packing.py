@@ -14,8 +14,8 @@ import bisect
 
 import torch
 
-from utils.data import IGNORE_INDEX
-from utils.labels import build_labels
+from utils.data.common import IGNORE_INDEX
+from utils.data.labels import build_labels
 
 # Model types whose transformers code passes a prepared 4D mask through unchanged and
 # takes position_ids, with the attention implementations verified for each (flash

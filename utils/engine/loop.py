@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from utils.batching import MODEL_INPUTS
-from utils.checkpoint import Checkpointer, DataPosition, skip_batches
 from utils.config import TrainConfig
-from utils.data import IGNORE_INDEX
+from utils.data.common import IGNORE_INDEX
+from utils.data.loaders import MODEL_INPUTS
 from utils.distributed import DistInfo, all_reduce_max, all_reduce_sum, print_rank_0
-from utils.loss import accumulation_windows, micro_batch_loss
-from utils.progress import RunMonitor, grad_norm
-from utils.throughput import ThroughputMeter, format_throughput
+from utils.engine.accumulation import accumulation_windows, micro_batch_loss
+from utils.engine.checkpoint import Checkpointer, DataPosition, skip_batches
+from utils.observe.progress import RunMonitor, grad_norm
+from utils.observe.throughput import ThroughputMeter, format_throughput
 
 
 @dataclass

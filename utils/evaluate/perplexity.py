@@ -13,11 +13,11 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
-from utils.batching import collate
 from utils.config import DataConfig
-from utils.data import build_sft_data
+from utils.data.build import build_sft_data
+from utils.data.loaders import collate
+from utils.engine.loop import token_nll
 from utils.errors import UserError
-from utils.train import token_nll
 
 
 def load_eval_rows(cfg: DataConfig, tokenizer, max_rows: int | None) -> list[dict]:

@@ -11,9 +11,9 @@ import os
 
 import pyarrow.compute as pc
 
-from utils.batching import collate
 from utils.config import Config
-from utils.data import IGNORE_INDEX, SFTData
+from utils.data.common import IGNORE_INDEX, SFTData
+from utils.data.loaders import collate
 from utils.distributed import print_rank_0, warn_rank_0
 
 RULE = "=" * 72

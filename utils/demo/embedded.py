@@ -6,7 +6,7 @@ opposites, animal sounds, colours, counting) asked in several phrasings, in Deep
 " Human: ... Assistant:" format: small enough for a tiny model to learn in a minute or two,
 so the before/after comparison shows that fine-tuning worked, not only that it ran.
 
-    python -m utils.embedded --out embedded
+    python -m utils.demo.embedded --out embedded
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def build_rows(seed: int = 0, eval_fraction: float = 0.1) -> tuple[list[dict], l
 
 def build_embedded(out: str, seed: int = 0) -> dict[str, str]:
     """Write data/, tiny-opt/ (untrained model + tokenizer) and prompts.txt under `out`."""
-    from utils.tiny import EOT, build_opt_model, build_tokenizer
+    from utils.demo.tiny import EOT, build_opt_model, build_tokenizer
 
     paths = {
         "data": os.path.join(out, "data"),

@@ -13,10 +13,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from utils.config import BatchConfig
-from utils.data import IGNORE_INDEX
-from utils.labels import build_labels
-from utils.packing import collate_packed, pack_rows
-from utils.sampler import FILLER, LengthGroupedSampler
+from utils.data.common import IGNORE_INDEX
+from utils.data.labels import build_labels
+from utils.data.packing import collate_packed, pack_rows
+from utils.data.sampler import FILLER, LengthGroupedSampler
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 # Packed rows' attention masks are additive, in the dtype the model computes in.

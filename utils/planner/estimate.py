@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from utils.config import Config, EngineConfig, LoraConfig, PlannerConfig
-from utils.lora import resolve_lora_targets
+from utils.model.lora import resolve_lora_targets
 
 GB = 2**30
 MAX_HEADS = 1 << 12
