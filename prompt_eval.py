@@ -16,7 +16,7 @@ import sys
 from transformers.utils import logging as hf_logging
 
 from utils.errors import UserError
-from utils.evaluate.config import PromptEvalConfig, parse_args, validate
+from utils.evaluate.config import ROLES, PromptEvalConfig, parse_args, validate
 from utils.evaluate.generation import (
     describe_tokenizer_mismatch,
     generate_answers,
@@ -56,12 +56,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def load_tokenizers(cfg: PromptEvalConfig) -> dict:
     """Both tokenizers; if they differ, warn: each model keeps its own, answers stay comparable."""
-    tokenizers = {
-        role: load_eval_tokenizer(
-            path, cfg.eot_token, cfg.add_eot_token, cfg.decoding.trust_remote_code
-        )
-        for role, path in cfg.models.items()
-    }
+    tokenizers = {}
+    for role, path in cfg.models.items():
+        try:
+            tokenizers[role] = load_eval_tokenizer(
+                path, cfg.eot_token, cfg.add_eot_token, cfg.decoding.trust_remote_code
+            )
+        except UserError as error:
+            raise UserError(f"{ROLES[role]}: {error}") from None
     mismatch = describe_tokenizer_mismatch(tokenizers["baseline"], tokenizers["finetune"])
     if mismatch:
         print(
@@ -87,9 +89,10 @@ def evaluate_model(
 def evaluate_perplexity(model, tokenizer, cfg: PromptEvalConfig) -> tuple[float, int]:
     """Perplexity of `model` on --eval_data_path's evaluation rows, and how many rows."""
     rows = load_eval_rows(cfg.eval_data(), tokenizer, cfg.max_eval_rows)
-    return compute_perplexity(model, rows, tokenizer.pad_token_id, cfg.decoding.batch_size), len(
-        rows
+    ppl = compute_perplexity(
+        model, rows, tokenizer.pad_token_id, loss_on=cfg.loss_on, batch_size=cfg.decoding.batch_size
     )
+    return ppl, len(rows)
 
 
 def summarize_perplexity(
@@ -100,6 +103,7 @@ def summarize_perplexity(
         return None
     return {
         "data_path": cfg.eval_data_path,
+        "loss_on": cfg.loss_on,
         "rows": scores["baseline"][1],
         **{role: score for role, (score, _) in scores.items()},
     }

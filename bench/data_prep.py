@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 
 from transformers import AutoTokenizer, GPT2Tokenizer
 
-from utils.config import DataConfig
 from utils.data.build import build_sft_data
+from utils.data.config import DataConfig
 
 EOT = "<|endoftext|>"
 

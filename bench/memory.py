@@ -84,7 +84,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     import torch
     from transformers import OPTConfig, OPTForCausalLM
 
-    from utils.config import LoraConfig
+    from utils.model.config import LoraConfig
     from utils.model.lora import apply_lora
 
     spec = VARIANTS[args.variant]

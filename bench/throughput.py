@@ -36,11 +36,12 @@ import torch
 from transformers import OPTConfig, OPTForCausalLM
 
 from bench.data_prep import load_opt_tokenizer, rm_static_rows, write_source
-from utils.config import BatchConfig, DataConfig, EngineConfig, TrainConfig
 from utils.data.build import build_sft_data
+from utils.data.config import BatchConfig, DataConfig
 from utils.data.loaders import build_eval_loader, build_train_loader
 from utils.distributed import init_distributed
 from utils.engine.accumulation import accumulation_windows, micro_batch_loss
+from utils.engine.config import EngineConfig, TrainConfig
 from utils.engine.ds_config import build_ds_config
 from utils.engine.loop import evaluate, forward_nll
 

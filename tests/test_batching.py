@@ -6,14 +6,29 @@ import pytest
 import torch
 from datasets import Dataset
 
-from utils.config import BatchConfig
+from utils.data.collate import collate
 from utils.data.common import IGNORE_INDEX
-from utils.data.loaders import build_eval_loader, build_train_loader, collate
+from utils.data.config import BatchConfig
+from utils.data.loaders import build_eval_loader, build_train_loader
 from utils.data.sampler import FILLER, LengthGroupedSampler
 from utils.demo.tiny import build_opt_model
-from utils.engine.loop import token_nll
+from utils.model.loss import token_nll
 
 PAD = 1
+
+
+def train_loader(dataset, batch_cfg, micro_batch, max_seq_len, rank=0, world_size=1):
+    return build_train_loader(
+        dataset,
+        batch_cfg,
+        micro_batch=micro_batch,
+        max_seq_len=max_seq_len,
+        pad_token_id=PAD,
+        seed=0,
+        rank=rank,
+        world_size=world_size,
+        mask_dtype=torch.float32,
+    )
 
 
 def rows_of(lengths: list[int], prompt_len: int = 3) -> list[dict]:
@@ -24,7 +39,7 @@ def rows_of(lengths: list[int], prompt_len: int = 3) -> list[dict]:
 
 
 def test_pads_only_to_the_longest_row_rounded_to_8():
-    batch = collate(rows_of([3, 11, 5]), PAD)
+    batch = collate(rows_of([3, 11, 5]), pad_token_id=PAD, loss_on="all")
     assert batch["input_ids"].shape == (3, 16)
     assert batch["attention_mask"].sum(1).tolist() == [3, 11, 5]
     assert batch["seq_lens"].tolist() == [3, 11, 5]
@@ -32,13 +47,15 @@ def test_pads_only_to_the_longest_row_rounded_to_8():
 
 
 def test_pad_to_max_len_keeps_deepspeed_chat_width():
-    assert collate(rows_of([3, 11]), PAD, pad_to=64)["input_ids"].shape == (2, 64)
+    assert collate(rows_of([3, 11]), pad_token_id=PAD, loss_on="all", pad_to=64)[
+        "input_ids"
+    ].shape == (2, 64)
 
 
 def test_loss_on_response_masks_exactly_the_prompt():
     row = {"input_ids": [10, 11, 12, 13, 14], "prompt_len": 2}
-    everything = collate([row], PAD, loss_on="all")["labels"][0].tolist()
-    response = collate([row], PAD, loss_on="response")["labels"][0].tolist()
+    everything = collate([row], pad_token_id=PAD, loss_on="all")["labels"][0].tolist()
+    response = collate([row], pad_token_id=PAD, loss_on="response")["labels"][0].tolist()
     ignore = [IGNORE_INDEX] * 3  # padding to 8
     assert everything == [10, 11, 12, 13, 14, *ignore]
     assert response == [IGNORE_INDEX, IGNORE_INDEX, 12, 13, 14, *ignore]
@@ -48,7 +65,7 @@ def test_padded_batch_has_the_loss_of_its_rows_alone(tiny_tokenizer):
     model = build_opt_model(tiny_tokenizer).eval()
     rows = rows_of([4, 13, 7])
     with torch.no_grad():
-        batch = collate(rows, tiny_tokenizer.pad_token_id, pad_to=32)
+        batch = collate(rows, pad_token_id=tiny_tokenizer.pad_token_id, loss_on="all", pad_to=32)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         padded_nll, padded_count = token_nll(logits, batch["labels"], fp32=True)
         alone_nll, alone_count = 0.0, 0
@@ -89,7 +106,7 @@ def test_rank_without_rows_gets_a_zero_weight_filler():
     ranks = [LengthGroupedSampler([5] * 9, 4, rank, 2, seed=0) for rank in (0, 1)]
     assert [FILLER] in list(ranks[1]) or [FILLER] in list(ranks[0])
     dataset = Dataset.from_list(rows_of([5] * 9))
-    loader = build_train_loader(dataset, BatchConfig(), 4, 64, PAD, 0, 1, 2)
+    loader = train_loader(dataset, BatchConfig(), 4, 64, rank=1, world_size=2)
     batches = list(loader)
     filler = [b for b in batches if len(b["seq_lens"]) == 0]
     assert len(filler) == 1 and (filler[0]["labels"] == IGNORE_INDEX).all()
@@ -112,8 +129,8 @@ def test_length_grouping_removes_most_padding_and_stays_random():
 
 def test_train_loader_default_and_pad_to_max():
     dataset = Dataset.from_list(rows_of([3, 30, 6, 9, 40, 2, 17]))
-    grouped = list(build_train_loader(dataset, BatchConfig(), 2, 64, PAD, 0, 0, 1))
-    fixed = list(build_train_loader(dataset, BatchConfig(pad_to_max_len=True), 2, 64, PAD, 0, 0, 1))
+    grouped = list(train_loader(dataset, BatchConfig(), 2, 64))
+    fixed = list(train_loader(dataset, BatchConfig(pad_to_max_len=True), 2, 64))
     assert sorted(n for b in grouped for n in b["seq_lens"].tolist()) == [2, 3, 6, 9, 17, 30, 40]
     assert all(b["input_ids"].shape[1] == 64 for b in fixed)
     assert sum(b["input_ids"].numel() for b in grouped) < sum(b["input_ids"].numel() for b in fixed)
@@ -124,7 +141,9 @@ def test_eval_loader_covers_each_row_once_across_ranks():
     seen = [
         n
         for rank in (0, 1)
-        for b in build_eval_loader(dataset, 2, PAD, rank, 2)
+        for b in build_eval_loader(
+            dataset, BatchConfig(), micro_batch=2, pad_token_id=PAD, rank=rank, world_size=2
+        )
         for n in b["seq_lens"].tolist()
     ]
     assert sorted(seen) == [3, 6, 9, 30, 40]

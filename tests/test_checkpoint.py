@@ -35,9 +35,9 @@ from checkpoint_runs import (
     write_data,
 )
 
+from utils.data.config import BatchConfig
 from utils.engine import preemption
-from utils.config import BatchConfig
-from utils.engine.checkpoint import LATEST, published_checkpoints, skip_batches
+from utils.engine.checkpoint import LATEST, published_checkpoints
 from utils.engine.checkpoint_checks import RUN_STATE, RunShape, check_resumable
 from utils.engine.preemption import PREEMPTED_EXIT, install_preemption_handlers, stop_requested
 from utils.errors import UserError
@@ -80,17 +80,16 @@ def test_an_uninterrupted_run_keeps_only_the_newest_checkpoints(baseline):
     assert (
         sorted(baseline["losses"]) == sorted(baseline["metrics"]) == list(range(1, TOTAL_STEPS + 1))
     )
-    # Every 3 steps and at the end of training; not at the end of epoch 1, which falls in
-    # the middle of step 9's accumulation (those gradients would be in no checkpoint).
+    # Every 3 steps; epoch 1 ends on step 9 (its last, short step), which is written once.
     saved = re.findall(r"saved checkpoint \S*checkpoint-(\d+)", baseline["log"])
-    assert [int(step) for step in saved] == [3, 6, 9, 12, 15, 17]
+    assert [int(step) for step in saved] == [3, 6, 9, 12, 15, 18]
     out = baseline["out"]
-    assert [step for step, _ in published_checkpoints(out)] == [15, 17]  # --save_total_limit 2
+    assert [step for step, _ in published_checkpoints(out)] == [15, 18]  # --save_total_limit 2
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == [
         "checkpoint-15",
-        "checkpoint-17",
+        "checkpoint-18",
     ]
-    assert (out / LATEST).read_text() == "checkpoint-17"
+    assert (out / LATEST).read_text() == "checkpoint-18"
     assert "verified" in baseline["log"]  # the final folder reloads to the trained logits
 
 
@@ -152,8 +151,8 @@ def test_sigterm_checkpoints_exits_75_and_the_same_command_continues(
 @pytest.fixture
 def saved_checkpoint(baseline, tmp_path) -> tuple[Path, RunShape]:
     """A copy of the baseline's newest checkpoint and the shape of the run that wrote it."""
-    path = tmp_path / "checkpoint-17"
-    shutil.copytree(baseline["out"] / "checkpoint-17", path)
+    path = tmp_path / "checkpoint-18"
+    shutil.copytree(baseline["out"] / "checkpoint-18", path)
     state = json.loads((path / RUN_STATE).read_text())
     return path, RunShape(**state["shape"])
 
@@ -220,11 +219,20 @@ def test_skipping_consumed_batches_continues_the_epochs_order(tiny_tokenizer, ba
 
     rows = Dataset.from_list([{"input_ids": [5] * (i % 7 + 2), "prompt_len": 1} for i in range(80)])
     loader = build_train_loader(
-        rows, batch_cfg, 3, 16, tiny_tokenizer.pad_token_id, seed=7, rank=1, world_size=2
+        rows,
+        batch_cfg,
+        micro_batch=3,
+        max_seq_len=16,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+        seed=7,
+        rank=1,
+        world_size=2,
+        mask_dtype=torch.float32,
     )
     loader.sampler.set_epoch(4)
     full = [b["input_ids"].tolist() for b in loader]
-    rest = [b["input_ids"].tolist() for b in skip_batches(loader, 2)]
+    loader.sampler.set_epoch(4, skip=2)
+    rest = [b["input_ids"].tolist() for b in loader]
     assert len(full) > 3
     assert rest == full[2:]
 

@@ -37,7 +37,7 @@ from utils.engine.preemption import PREEMPTED_EXIT
 from utils.errors import UserError
 
 pytestmark = pytest.mark.slow
-TOTAL_STEPS = 9  # 34 rows: 9 micro-batches per rank and epoch, accumulation 2
+TOTAL_STEPS = 10  # 34 rows: 9 micro-batches per rank and epoch, accumulation 2: 5 steps
 
 
 def free_port() -> str:

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from utils.config import DataConfig
 from utils.data.build import build_sft_data
+from utils.data.config import DataConfig
 
 EOT = "<|endoftext|>"
 

@@ -14,8 +14,8 @@ import pytest
 
 import utils.data.build as build_module
 import utils.data.cache as cache_module
-from utils.config import DataConfig
 from utils.data.build import build_sft_data
+from utils.data.config import DataConfig
 from utils.demo.tiny import build_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,7 +149,7 @@ BUILDER = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     from transformers import AutoTokenizer
     import utils.data.build as b
-    from utils.config import DataConfig
+    from utils.data.config import DataConfig
     real = b.build_uncached
     def logged(*a, **k):
         print("BUILT", flush=True)

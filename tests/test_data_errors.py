@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from utils.config import DataConfig
 from utils.data.build import build_sft_data, check_data_config
 from utils.data.common import DataError
+from utils.data.config import DataConfig
 from utils.errors import UserError
 
 PAIR = {"prompt": " Human: Q? Assistant:", "chosen": " A."}

@@ -7,9 +7,9 @@ import json
 import pytest
 from datasets import Dataset, DatasetDict
 
-from utils.config import DataConfig
 from utils.data.build import build_sft_data
 from utils.data.common import DataError
+from utils.data.config import DataConfig
 from utils.data.formats import format_rows
 from utils.data.registry import DATASETS
 from utils.data.sources import load_source, resolve_source

@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from utils.config import DataConfig
 from utils.data.build import build_sft_data
+from utils.data.config import DataConfig
 from utils.data.split import partition, partition_bounds, resample
 
 

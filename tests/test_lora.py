@@ -7,9 +7,9 @@ import torch
 from peft import PeftModel
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from utils.config import LoraConfig
 from utils.demo.tiny import build_opt_model
 from utils.errors import UserError
+from utils.model.config import LoraConfig
 from utils.model.lora import (
     apply_lora,
     is_lora_parameter,
@@ -182,7 +182,7 @@ def test_gradient_checkpointing_with_only_lora_trains_the_adapters(reentrant, ti
 
 
 def test_lora_weights_get_the_lora_learning_rate(tiny_tokenizer):
-    from utils.config import TrainConfig
+    from utils.engine.config import TrainConfig
     from utils.engine.optim import build_param_groups
 
     lora = LoraConfig(lora_dim=4, lora_learning_rate=5e-4)
@@ -197,8 +197,8 @@ def test_lora_weights_get_the_lora_learning_rate(tiny_tokenizer):
 
 
 def test_lora_and_planner_flags_are_validated_together(tiny_model_dir):
+    from utils.cli.parse import parse_args
     from utils.cli.validate import validate
-    from utils.config import parse_args
 
     cfg = parse_args(["--model_name_or_path", str(tiny_model_dir), "--save_lora_adapter",
                       "--gpu_memory_gb", "0", "--num_nodes", "0", "--estimate_memory"])  # fmt: skip

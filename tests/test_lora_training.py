@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from utils.config import parse_args
+from utils.cli.parse import parse_args
 from utils.model.lora import is_lora_parameter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

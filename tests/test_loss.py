@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.token_loss_worker import PAD, build_model, build_rows
-from utils.data.loaders import collate
-from utils.engine.accumulation import accumulation_windows
-from utils.engine.loop import token_nll
+from utils.data.collate import collate
+from utils.engine.accumulation import StepPlan, accumulation_windows
+from utils.model.loss import token_nll
 
 CPU = torch.device("cpu")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +24,7 @@ def sgd_step(batches: list[list[dict]], token_weighted: bool) -> dict[str, torch
     model = build_model()
     losses = []
     for rows in batches:
-        batch = collate(rows, PAD)
+        batch = collate(rows, pad_token_id=PAD, loss_on="all")
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         losses.append(token_nll(logits, batch["labels"], fp32=True))
     if token_weighted:
@@ -68,12 +68,14 @@ def test_step_over_micro_batches_and_ranks_equals_one_big_batch(tmp_path, ranks,
     assert_same_weights(run_worker(tmp_path, ranks, zero_stage, micro, 2), expected)
 
 
-def test_epoch_leftovers_open_the_next_epochs_first_window():
+def test_an_epochs_last_short_window_is_still_an_optimizer_step():
     def batch(tokens: int) -> dict:
         return {"labels": torch.tensor([[-100] + [5] * tokens])}
 
-    carry = []
-    first = list(accumulation_windows([batch(n) for n in (1, 2, 3, 4, 5)], 2, CPU, carry))
-    assert [w.tokens for w in first] == [3, 7] and len(carry) == 1
-    second = list(accumulation_windows([batch(n) for n in (6, 7, 8)], 2, CPU, carry))
-    assert [w.tokens for w in second] == [5 + 6, 7 + 8] and carry == []
+    windows = list(accumulation_windows([batch(n) for n in (1, 2, 3, 4, 5)], 2, CPU))
+    assert [len(w.batches) for w in windows] == [2, 2, 1]
+    assert [w.tokens for w in windows] == [3, 7, 5]  # the short step weighs what it holds
+    plan = StepPlan(micro_batches_per_epoch=5, accumulation=2, epochs=3)
+    assert (plan.steps_per_epoch, plan.total_steps) == (3, 9)
+    # Fewer micro-batches than one window: still one step per epoch, never zero.
+    assert StepPlan(micro_batches_per_epoch=2, accumulation=4, epochs=1).total_steps == 1

@@ -90,28 +90,24 @@ def test_engine_variants_train(tiny_model_dir, data_dir, tmp_path, capsys, extra
 
 def test_saved_folder_gives_the_engines_logits(tiny_model_dir, data_dir, tmp_path):
     """The saved folder must reproduce exactly what the trained engine computes."""
-    from utils.config import parse_args
+    from utils.cli.parse import parse_args
+    from utils.cli.validate import validate
     from utils.data.build import build_sft_data
-    from utils.data.loaders import build_train_loader
     from utils.distributed import init_distributed
-    from utils.engine.ds_config import build_ds_config
-    from utils.engine.loop import forward_nll
     from utils.model.load import build_model, load_tokenizer
+    from utils.model.loss import model_nll
     from utils.model.save import save_hf_model
 
     cfg = parse_args(base_args(tiny_model_dir, data_dir, tmp_path, "--zero_stage", "3"))
+    setup = validate(cfg)
     dist = init_distributed()
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, None)
     data = build_sft_data(cfg.data, tokenizer)
-    ds_config = build_ds_config(cfg.engine, cfg.train, dist.world_size, "fp32")
-    engine, _ = cli.build_engine(
-        cfg, build_model(cfg.model, tokenizer, ds_config), ds_config, 80, dist
-    )
-    loader = build_train_loader(
-        data.train, cfg.batch, 8, cfg.data.max_seq_len, tokenizer.pad_token_id, 0, 0, 1
-    )
+    loader, _ = cli.build_loaders(cfg, data, tokenizer, dist, setup)
+    plan = cli.build_step_plan(cfg, loader)
+    engine = cli.build_engine(cfg, build_model(cfg.model, tokenizer, setup.config), setup, plan)
     for _, batch in zip(range(5), loader, strict=False):
-        nll, count = forward_nll(engine, batch, fp32=False)
+        nll, count = model_nll(engine, batch, fp32=False)
         engine.backward(nll / count)
         engine.step()
     engine.eval()
@@ -218,7 +214,7 @@ def test_empty_eval_set_is_refused(tiny_model_dir, data_dir, tmp_path, capsys):
     (empty / "eval.jsonl").write_text("")
     code, _, err = run_main(base_args(tiny_model_dir, empty, tmp_path), capsys)
     assert code == 2
-    assert "eval" in err.lower()
+    assert f"{empty / 'eval.jsonl'} is empty" in err
 
 
 def test_unknown_choice_is_an_argparse_error(tiny_model_dir, data_dir, tmp_path):

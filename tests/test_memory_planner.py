@@ -14,9 +14,12 @@ from deepspeed.runtime.zero.stage3 import (
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 from transformers import GPT2Config, LlamaConfig, OPTConfig
 
-from utils.config import EngineConfig, LoraConfig, PlannerConfig, parse_args
+from utils.cli.parse import parse_args
+from utils.engine.config import EngineConfig
 from utils.errors import UserError
+from utils.model.config import LoraConfig
 from utils.model.lora import apply_lora, is_lora_parameter
+from utils.planner.config import PlannerConfig
 from utils.planner.estimate import (
     GB,
     estimate_activations,

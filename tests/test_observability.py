@@ -13,11 +13,13 @@ import torch
 from datasets import Dataset
 from PIL import Image
 
-from utils.config import parse_args
+from utils.cli.failures import OOM_EXIT_CODE, explain_failures, suggest_memory_flags
+from utils.cli.parse import parse_args
+from utils.cli.summary import build_summary, data_warnings
 from utils.data.common import SFTData, SourceStats
-from utils.observe.failures import OOM_EXIT_CODE, explain_failures, suggest_memory_flags
+from utils.engine.accumulation import StepPlan
+from utils.engine.ds_config import EngineSetup
 from utils.observe.progress import RunMonitor, load_metrics, open_metrics
-from utils.observe.summary import build_summary, data_warnings
 
 
 class FakeTerminal(io.StringIO):
@@ -29,9 +31,9 @@ def run_a_few_steps(monitor: RunMonitor, start: int = 0, steps: int = 20) -> Non
     for step in range(start + 1, start + steps + 1):
         monitor.advance(step)
         if step % 5 == 0:
-            monitor.log_step(step, 1, loss=5.0 - step / 10, lr=1e-3, tokens_per_s=1234.5)
+            monitor.record_step(step, 1, loss=5.0 - step / 10, lr=1e-3, tokens_per_s=1234.5)
         if step % 10 == 0:
-            monitor.log_eval(step, 1, SimpleNamespace(loss=4.0, perplexity=54.6))
+            monitor.record_eval(step, 1, SimpleNamespace(loss=4.0, perplexity=54.6))
     monitor.close()
 
 
@@ -87,7 +89,7 @@ def test_fresh_run_starts_a_new_metrics_file(tmp_path):
 
 def test_non_finite_values_are_written_as_null(tmp_path):
     monitor = RunMonitor(str(tmp_path), 1, stream=io.StringIO(), enabled=True)
-    monitor.log_eval(1, 1, SimpleNamespace(loss=float("inf"), perplexity=float("inf")))
+    monitor.record_eval(1, 1, SimpleNamespace(loss=float("inf"), perplexity=float("inf")))
     monitor.close()
     row = json.loads((tmp_path / "metrics.jsonl").read_text())  # strict JSON: no Infinity
     assert row["eval_perplexity"] is None
@@ -115,7 +117,7 @@ def test_other_ranks_write_nothing(tmp_path):
 
 def test_skipped_fp16_steps_are_counted(tmp_path, capsys):
     monitor = RunMonitor(str(tmp_path), 10, stream=io.StringIO(), enabled=True)
-    monitor.log_step(10, 1, loss=2.0, skipped_steps=3)
+    monitor.record_step(10, 1, loss=2.0, skipped_steps=3)
     monitor.close()
     assert "3 optimizer steps were skipped" in capsys.readouterr().err
     assert load_metrics(str(tmp_path / "metrics.jsonl"))[0]["skipped_steps"] == 3
@@ -133,15 +135,19 @@ def test_summary_block_has_the_numbers_a_user_checks(tiny_model_dir):
     cfg = parse_args(["--model_name_or_path", str(tiny_model_dir), *flags])
     ds_config = {
         "train_batch_size": 4,
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 2,
         "zero_optimization": {"stage": 3},
         "bf16": {"enabled": True},
     }
-    text = build_summary(cfg, sft_data(), (2_000_000, 500_000), ds_config, world_size=2)
+    setup = EngineSetup(config=ds_config, world_size=2, dtype_reason="--dtype bf16")
+    plan = StepPlan(micro_batches_per_epoch=1, accumulation=2, epochs=3)
+    text = build_summary(cfg, sft_data(), (2_000_000, 500_000), setup, plan)
     assert "2.00M total, 500.00K trainable (25.0%)" in text
     assert "Dahoas/rm-static" in text and "7 training tokens" in text
-    assert "1 per device x 2 ranks x 2 accumulation = 4 sequences" in text
-    # 1 micro-batch per epoch; DeepSpeed accumulates across epoch ends: 3 // 2 = 1 step.
-    assert "0.5 per epoch x 3 epochs = 1 optimizer step" in text
+    assert "1 sequences per device x 2 ranks x 2 accumulation = 4 per optimizer step" in text
+    # 1 micro-batch per epoch: each epoch ends on its (short) step.
+    assert "1 micro-batch = 1 step per epoch x 3 epochs = 3 optimizer steps" in text
     assert "ZeRO stage 3, bf16" in text
     assert os.path.abspath("out") in text
 
@@ -182,7 +188,10 @@ def test_memory_suggestions_follow_the_flags_in_use():
     ],
 )
 def test_out_of_memory_ends_with_the_flags_that_would_fit(capsys, error):
-    with pytest.raises(SystemExit) as exit_info, explain_failures(["--model_name_or_path", "m"]):
+    with (
+        pytest.raises(SystemExit) as exit_info,
+        explain_failures(lambda: parse_args(["--model_name_or_path", "m"])),
+    ):
         raise error
     assert exit_info.value.code == OOM_EXIT_CODE
     err = capsys.readouterr().err
@@ -191,6 +200,6 @@ def test_out_of_memory_ends_with_the_flags_that_would_fit(capsys, error):
 
 def test_a_failing_rank_names_itself_on_stderr(capsys, monkeypatch):
     monkeypatch.setenv("RANK", "1")
-    with pytest.raises(ValueError), explain_failures([]):
+    with pytest.raises(ValueError), explain_failures(lambda: parse_args([])):
         raise ValueError("bad batch")
     assert "[rank 1 on " in capsys.readouterr().err

@@ -7,11 +7,12 @@ import torch
 from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from utils.config import BatchConfig
-from utils.data.loaders import build_train_loader, collate
+from utils.data.collate import collate
+from utils.data.config import BatchConfig
+from utils.data.loaders import build_train_loader
 from utils.data.packing import PACKING_SUPPORT, collate_packed, pack_rows, packing_problems
 from utils.demo.tiny import build_opt_model
-from utils.engine.loop import token_nll
+from utils.model.loss import token_nll
 
 ROWS = [
     {"input_ids": [5, 9, 14, 22, 31], "prompt_len": 2},
@@ -44,7 +45,7 @@ def test_packed_examples_get_exactly_their_own_logits(model_type, attn, tiny_tok
     model = small_model(model_type, tiny_tokenizer)
     model.config._attn_implementation = attn
     model.eval()
-    batch = collate_packed([ROWS], pad_token_id=1)
+    batch = collate_packed([ROWS], pad_token_id=1, loss_on="all", mask_dtype=torch.float32)
     assert batch["input_ids"].shape == (1, 24)  # 18 tokens, padded to a multiple of 8
     with torch.no_grad():
         packed = model(
@@ -64,10 +65,12 @@ def test_packed_examples_get_exactly_their_own_logits(model_type, attn, tiny_tok
 def test_packed_loss_equals_separate_loss(loss_on, tiny_tokenizer):
     model = build_opt_model(tiny_tokenizer).eval()
     with torch.no_grad():
-        b = collate_packed([ROWS[:2], ROWS[2:]], pad_token_id=1, loss_on=loss_on)
+        b = collate_packed(
+            [ROWS[:2], ROWS[2:]], pad_token_id=1, loss_on=loss_on, mask_dtype=torch.float32
+        )
         inputs = {k: b[k] for k in ("input_ids", "attention_mask", "position_ids")}
         packed = token_nll(model(**inputs).logits, b["labels"], fp32=True)
-        p = collate(ROWS, 1, loss_on=loss_on)
+        p = collate(ROWS, pad_token_id=1, loss_on=loss_on)
         logits = model(input_ids=p["input_ids"], attention_mask=p["attention_mask"]).logits
         padded = token_nll(logits, p["labels"], fp32=True)
     assert packed[1] == padded[1]
@@ -75,7 +78,9 @@ def test_packed_loss_equals_separate_loss(loss_on, tiny_tokenizer):
 
 
 def test_bf16_mask_uses_the_compute_dtype():
-    mask = collate_packed([ROWS], 1, mask_dtype=torch.bfloat16)["attention_mask"]
+    mask = collate_packed([ROWS], pad_token_id=1, loss_on="all", mask_dtype=torch.bfloat16)[
+        "attention_mask"
+    ]
     assert mask.dtype == torch.bfloat16 and mask.shape == (1, 1, 24, 24)
     assert mask[0, 0, 6, 4] == torch.finfo(torch.bfloat16).min  # 2nd example cannot see the 1st
     assert mask[0, 0, 6, 5] == 0
@@ -83,7 +88,17 @@ def test_bf16_mask_uses_the_compute_dtype():
 
 def test_packing_loader_trains_every_row_once():
     dataset = Dataset.from_list(ROWS * 5)
-    loader = build_train_loader(dataset, BatchConfig(packing=True), 2, 32, 1, 0, 0, 1)
+    loader = build_train_loader(
+        dataset,
+        BatchConfig(packing=True),
+        micro_batch=2,
+        max_seq_len=32,
+        pad_token_id=1,
+        seed=0,
+        rank=0,
+        world_size=1,
+        mask_dtype=torch.float32,
+    )
     lengths = sorted(n for b in loader for n in b["seq_lens"].tolist())
     assert lengths == sorted([5, 9, 4] * 5)
     assert all(b["input_ids"].shape[1] <= 32 for b in loader)

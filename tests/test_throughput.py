@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from utils.data.loaders import collate
+from utils.data.collate import collate
 from utils.demo.tiny import build_opt_model
 from utils.observe.throughput import (
     FlopShape,
@@ -43,7 +43,7 @@ def test_meter_counts_real_and_padded_tokens_across_steps():
     meter = ThroughputMeter(shape, peak_tflops=None, device=torch.device("cpu"), world_size=1)
     rows = [{"input_ids": [5] * n, "prompt_len": 1} for n in (3, 10)]
     for _ in range(2):
-        meter.add_batch(collate(rows, 1, pad_to=32))
+        meter.add_batch(collate(rows, pad_token_id=1, loss_on="all", pad_to=32))
         meter.end_step()
     figures = meter.report()
     seconds = figures["step_s"] * 2

@@ -15,11 +15,15 @@ from datasets import Dataset
 from safetensors.torch import save_file
 from transformers import OPTConfig, OPTForCausalLM
 
-from utils.config import BatchConfig, CheckpointConfig, EngineConfig, TrainConfig
+from utils.data.config import BatchConfig
 from utils.data.loaders import build_eval_loader, build_train_loader
 from utils.distributed import init_distributed
-from utils.engine.checkpoint import start_run
-from utils.engine.loop import train
+from utils.engine.accumulation import StepPlan
+from utils.engine.checkpoint import build_checkpointer
+from utils.engine.config import CheckpointConfig, TrainConfig
+from utils.engine.ds_config import EngineSetup
+from utils.engine.loop import TrainLoop, train
+from utils.observe.config import ObserveConfig
 from utils.observe.progress import build_monitor
 from utils.observe.throughput import build_meter
 
@@ -54,27 +58,45 @@ def build_model() -> OPTForCausalLM:
 def main(out: str, mode: str, zero_stage: int, micro: int, accumulation: int) -> None:
     dist = init_distributed()
     dataset = Dataset.from_list(build_rows())
-    batch_cfg = BatchConfig(loss_averaging=mode)
-    loader = build_train_loader(dataset, batch_cfg, micro, 64, PAD, 0, dist.rank, dist.world_size)
-    model = build_model()
-    run = start_run(CheckpointConfig(), os.path.dirname(out), model, {}, dist)
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-        config={
-            "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": accumulation,
-            "train_batch_size": micro * accumulation * dist.world_size,
-            "zero_optimization": {"stage": zero_stage},
-            "zero_allow_untested_optimizer": True,
-            "gradient_clipping": 0.0,  # DeepSpeed's default 1.0 would rescale the update
-        },
+    geometry = {"pad_token_id": PAD, "rank": dist.rank, "world_size": dist.world_size}
+    loader = build_train_loader(
+        dataset,
+        BatchConfig(),
+        micro_batch=micro,
+        max_seq_len=64,
+        seed=0,
+        mask_dtype=torch.float32,
+        **geometry,
     )
-    train_cfg = TrainConfig(gradient_accumulation_steps=accumulation)
-    meter = build_meter(engine.module, False, "fp32", None, dist.device, dist.world_size)
-    eval_loader = build_eval_loader(dataset, 8, PAD, dist.rank, dist.world_size)
-    monitor = build_monitor(None, EngineConfig(), 1, 0)
-    train(engine, loader, eval_loader, train_cfg, dist, 1, True, monitor, meter, run, mode)
+    model = build_model()
+    config = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro * accumulation * dist.world_size,
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,  # DeepSpeed's default 1.0 would rescale the update
+    }
+    setup = EngineSetup(config=config, world_size=dist.world_size, dtype_reason="fp32")
+    checkpointer = build_checkpointer(CheckpointConfig(), os.path.dirname(out), model, setup, dist)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), config=config
+    )
+    plan = StepPlan(
+        micro_batches_per_epoch=len(loader.sampler), accumulation=accumulation, epochs=1
+    )
+    loop = TrainLoop(
+        engine=engine,
+        train_loader=loader,
+        eval_loader=build_eval_loader(dataset, BatchConfig(), micro_batch=8, **geometry),
+        dist=dist,
+        plan=plan,
+        monitor=build_monitor(None, ObserveConfig(), plan.total_steps, 0),
+        meter=build_meter(engine, False, None, dist),
+        checkpointer=checkpointer,
+        fp32_loss=True,
+    )
+    train(loop, TrainConfig(gradient_accumulation_steps=accumulation, loss_averaging=mode))
     if dist.rank == 0:
         save_file({k: v.clone() for k, v in engine.module.state_dict().items()}, out)
 

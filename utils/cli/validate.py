@@ -1,30 +1,52 @@
-"""Check every flag once, before any expensive work, and report all problems together."""
+"""Check every flag once, before any expensive work, and report all problems together.
+
+`validate` is the one validation step of main.py: the flags, the model folder, the data
+flags, the checkpoint flags and the merged DeepSpeed config. It returns the EngineSetup
+every later step reads the effective ZeRO stage and precision from.
+"""
 
 from __future__ import annotations
 
 import os
 
-from utils.config import Config, ConfigError, ModelConfig, PlannerConfig
+from utils.config import Config
 from utils.data.build import check_data_config
 from utils.data.packing import packing_problems
 from utils.engine.checkpoint import checkpoint_problems
+from utils.engine.ds_config import EngineSetup, build_ds_config
+from utils.engine.precision import resolve_dtype
+from utils.errors import ConfigError, UserError, format_problems
+from utils.model.config import ModelConfig
 from utils.model.load import load_model_config, max_positions
+from utils.planner.config import PlannerConfig
 
 
-def resolve_dtype(requested: str, on_cuda: bool, bf16_supported: bool) -> str:
-    """'auto' picks what the hardware runs: bf16 (else fp16) on GPUs, fp32 on CPU."""
-    if requested != "auto":
-        return requested
-    if on_cuda:
-        return "bf16" if bf16_supported else "fp16"
-    # Measured (bench/throughput.py): on a CPU without AMX, bf16 trains ~5x slower than fp32.
-    return "fp32"
+def validate(cfg: Config) -> EngineSetup:
+    """Every problem with the flags, at once (ConfigError, exit 2); else the engine setup."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    on_cuda = accelerator.device_name() == "cuda"
+    bf16 = accelerator.is_bf16_supported()
+    problems = flag_problems(cfg, on_cuda, bf16)
+    setup = None
+    if not problems:  # the DeepSpeed config is built from the flags: only from valid ones
+        dtype, reason = resolve_dtype(cfg.engine.dtype, on_cuda, bf16)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        try:
+            config = build_ds_config(cfg.engine, cfg.train, cfg.observe, world_size, dtype)
+            setup = EngineSetup(config=config, world_size=world_size, dtype_reason=reason)
+        except UserError as err:
+            problems.append(str(err))
+    if problems:
+        raise ConfigError(format_problems(problems))
+    return setup
 
 
-def validate(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]:
+def flag_problems(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]:
     """All problems with the flags, each naming the flag, the value and the fix."""
     problems = []
-    t, e, lo, d = cfg.train, cfg.engine, cfg.lora, cfg.data
+    t, e, lo = cfg.train, cfg.engine, cfg.lora
     if e.zero_stage not in (0, 1, 2, 3):
         problems.append(f"--zero_stage {e.zero_stage} does not exist; use 0, 1, 2 or 3.")
     for flag, value in (
@@ -52,23 +74,17 @@ def validate(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]:
     if lo.save_lora_adapter and not lo.enabled:
         problems.append("--save_lora_adapter needs LoRA: add --lora_dim 128 (or another rank).")
     problems += _planner_problems(cfg.planner)
-    problems += check_data_config(d)
+    problems += check_data_config(cfg.data)
     problems += _dtype_problems(e.dtype, on_cuda, bf16_supported)
     if e.deepspeed_config and not os.path.isfile(e.deepspeed_config):
         problems.append(f"--deepspeed_config {e.deepspeed_config!r} does not exist.")
     if not (t.dry_run or cfg.planner.estimate_memory):
         problems += _output_dir_problems(t.output_dir)
-    problems += _model_problems(cfg.model, d.max_seq_len, cfg.batch.packing)
+    problems += _model_problems(cfg.model, cfg.data.max_seq_len, cfg.batch.packing)
     problems += checkpoint_problems(cfg.checkpoint)
     if cfg.batch.packing and cfg.batch.pad_to_max_len:
         problems.append("--packing and --pad_to_max_len exclude each other; choose one.")
     return problems
-
-
-def check_config(cfg: Config, on_cuda: bool, bf16_supported: bool) -> None:
-    problems = validate(cfg, on_cuda, bf16_supported)
-    if problems:
-        raise ConfigError("\n".join(["invalid arguments:", *(f"  - {p}" for p in problems)]))
 
 
 def _planner_problems(planner: PlannerConfig) -> list[str]:
@@ -112,8 +128,6 @@ def _output_dir_problems(output_dir: str | None) -> list[str]:
 
 
 def _model_problems(model: ModelConfig, max_seq_len: int, packing: bool) -> list[str]:
-    from utils.errors import UserError
-
     try:
         config = load_model_config(model)
     except UserError as err:

@@ -10,9 +10,9 @@ from datasets import Dataset, concatenate_datasets
 from filelock import FileLock
 from transformers import PreTrainedTokenizerBase
 
-from utils.config import DataConfig, default_cache_dir
 from utils.data.cache import cache_key, load_cached, predates_process, save_cached
 from utils.data.common import FORMAT_VERSION, DataError, SFTData, SourceStats
+from utils.data.config import DataConfig
 from utils.data.formats import format_rows
 from utils.data.sources import Source, fingerprint_source, load_source, resolve_sources
 from utils.data.split import parse_data_split, partition, resample, shuffled
@@ -42,7 +42,7 @@ def build_sft_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> SFTDa
             "tokenizer": fingerprint_tokenizer(tokenizer),
         }
     )
-    root = cfg.data_output_path or default_cache_dir()
+    root = cfg.data_output_path
     folder = os.path.join(root, f"sft-{key}")
     if cached := load_reusable(folder, cfg.rebuild_data_cache):
         return cached
@@ -73,8 +73,8 @@ def check_data_config(cfg: DataConfig) -> list[str]:
             problems.append(str(err))
     if cfg.max_seq_len < 1:
         problems.append(f"--max_seq_len {cfg.max_seq_len}: must be at least 1, e.g. 512")
-    if cfg.num_proc < 0:
-        problems.append(f"--data_num_proc {cfg.num_proc}: must be 0 (automatic) or more")
+    if cfg.data_num_proc < 0:
+        problems.append(f"--data_num_proc {cfg.data_num_proc}: must be 0 (automatic) or more")
     return problems
 
 
@@ -122,7 +122,7 @@ def build_source(
             cfg.max_seq_len,
             cfg.eot_token,
             f"{work}-{part}-tokens.arrow",
-            cfg.num_proc,
+            cfg.data_num_proc,
         )
         stat.skipped_rows += skipped
         stat.truncated_rows += pc.sum(tokenised[part].data.column(TRUNCATED)).as_py() or 0

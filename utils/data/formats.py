@@ -1,4 +1,4 @@
-"""Row formatters: one raw row -> Example(prompt, chosen, rejected), or None to skip it.
+"""Row formatters: one raw row -> Example(prompt, response), or None to skip it.
 
 Prompts read " Human: <question> Assistant:" and responses " <answer>" (leading
 space), DeepSpeed-Chat's convention. A formatter returns None when a field it needs
@@ -17,8 +17,7 @@ from utils.data.common import DataError
 
 class Example(NamedTuple):
     prompt: str
-    chosen: str
-    rejected: str | None = None
+    response: str  # the preferred answer ("chosen") of preference data
 
 
 Formatter = Callable[[dict[str, Any]], Example | None]
@@ -38,22 +37,18 @@ def first(values: Any, key: str | None = None) -> Any:
     return item.get(key) if isinstance(item, dict) else None
 
 
-def question_answer(question: Any, answer: Any, rejected: Any = None) -> Example | None:
+def question_answer(question: Any, answer: Any) -> Example | None:
     """The common case: wrap a bare question and answer in Human/Assistant turns."""
     if not is_text(question, answer):
         return None
-    return Example(
-        f" Human: {question} Assistant:",
-        f" {answer}",
-        f" {rejected}" if is_text(rejected) else None,
-    )
+    return Example(f" Human: {question} Assistant:", f" {answer}")
 
 
-def verbatim(prompt: Any, chosen: Any, rejected: Any = None) -> Example | None:
+def verbatim(prompt: Any, response: Any) -> Example | None:
     """Fields already in prompt/response form (e.g. "\\n\\nHuman: ... Assistant:")."""
-    if not is_text(prompt, chosen):
+    if not is_text(prompt, response):
         return None
-    return Example(prompt, chosen, rejected if is_text(rejected) else None)
+    return Example(prompt, response)
 
 
 # Local files: recognised column shapes ---------------------------------------------
@@ -104,7 +99,7 @@ LOCAL_SHAPES: list[tuple[set[str], Formatter, str]] = [
     ({"instruction", "output"}, format_alpaca, "instruction+input+output (Alpaca)"),
     (
         {"prompt", "chosen"},
-        lambda r: verbatim(r["prompt"], r["chosen"], r.get("rejected")),
+        lambda r: verbatim(r["prompt"], r["chosen"]),
         "prompt+chosen(+rejected)",
     ),
     ({"prompt", "response"}, lambda r: verbatim(r["prompt"], r["response"]), "prompt+response"),
@@ -136,7 +131,7 @@ def format_rows(rows: Dataset, formatter: Formatter, cache_file: str) -> tuple[D
             example = formatter(dict(zip(batch, values, strict=True)))
             if example is not None:
                 out["prompt"].append(example.prompt)
-                out["response"].append(example.chosen)
+                out["response"].append(example.response)
         return out
 
     if len(rows) == 0:  # map() on no rows cannot infer the new columns

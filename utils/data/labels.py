@@ -5,7 +5,7 @@ from __future__ import annotations
 from utils.data.common import IGNORE_INDEX
 
 
-def build_labels(row: dict, loss_on: str = "all") -> list[int]:
+def build_labels(row: dict, loss_on: str) -> list[int]:
     """The row's labels: its ids, with the prompt masked for loss_on="response".
 
     Filler rows (a rank with nothing left to train) carry no loss at all.

@@ -1,8 +1,8 @@
-"""From tokenised rows to batches: labels, padding, packing and the data loaders.
+"""The data loaders: this rank's training micro-batches and its share of the eval rows.
 
-Rows are {"input_ids", "prompt_len"} (the data layer's contract). Batches are dicts of
-tensors: the model inputs (MODEL_INPUTS), `labels` (IGNORE_INDEX where no loss applies)
-and `seq_lens` (the real length of every example in the batch, for the throughput log).
+Training batches are length-grouped and padded to their longest example (default), padded
+to --max_seq_len (--pad_to_max_len, DeepSpeed-Chat's way) or packed (--packing). The
+sampler yields whole index lists, each fetched in one Arrow read and collated.
 """
 
 from __future__ import annotations
@@ -12,49 +12,10 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader
 
-from utils.config import BatchConfig
-from utils.data.common import IGNORE_INDEX
-from utils.data.labels import build_labels
+from utils.data.collate import collate
+from utils.data.config import BatchConfig
 from utils.data.packing import collate_packed, pack_rows
 from utils.data.sampler import FILLER, LengthGroupedSampler
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-# Packed rows' attention masks are additive, in the dtype the model computes in.
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def collate(
-    rows: list[dict],
-    pad_token_id: int,
-    pad_to: int | None = None,
-    multiple_of: int = 8,
-    loss_on: str = "all",
-) -> dict[str, torch.Tensor]:
-    """Right-pad rows into a batch.
-
-    Pads to `pad_to` when given (DeepSpeed-Chat's fixed length), else to the longest
-    row rounded up to `multiple_of`. Pad positions are masked out of attention and loss.
-    """
-    longest = max(len(r["input_ids"]) for r in rows)
-    width = pad_to or -(-longest // multiple_of) * multiple_of
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids = row["input_ids"][:width]
-        input_ids[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-        attention_mask[i, : len(ids)] = 1
-        labels[i, : len(ids)] = torch.as_tensor(build_labels(row, loss_on)[:width])
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "seq_lens": _seq_lens(rows),
-    }
-
-
-def _seq_lens(rows: list[dict]) -> torch.Tensor:
-    return torch.tensor([len(r["input_ids"]) for r in rows if not r.get("filler")])
 
 
 class _Rows:
@@ -86,66 +47,66 @@ def row_lengths(dataset) -> list[int]:
 
 def build_train_loader(
     dataset,
-    batch_cfg: BatchConfig,
-    batch_size: int,
+    batch: BatchConfig,
+    *,
+    micro_batch: int,
     max_seq_len: int,
     pad_token_id: int,
     seed: int,
     rank: int,
     world_size: int,
-    compute_dtype: str = "fp32",
+    mask_dtype: torch.dtype,
 ) -> DataLoader:
     """Micro-batches for this rank; `loader.sampler.set_epoch(e)` gives a new order per epoch.
 
     Default: length-grouped batches padded to their longest example. `pad_to_max_len`:
     random batches padded to max_seq_len. `packing`: rows of several examples, packed once
-    (best fit), in a new random order every epoch. `len(loader.sampler.lengths)` is the
-    number of items (rows or packs) an epoch trains.
+    (best fit), in a new random order every epoch; their additive attention masks are in
+    `mask_dtype`, the model's compute dtype. `len(loader.sampler)` is the number of
+    micro-batches an epoch trains (packs, not rows, under packing).
     """
     lengths = row_lengths(dataset)
     packs = None
-    if batch_cfg.packing:
+    if batch.packing:
         packs = pack_rows(lengths, max_seq_len)
         lengths = [sum(lengths[i] for i in pack) for pack in packs]
         collate_fn = partial(
-            collate_packed,
-            pad_token_id=pad_token_id,
-            loss_on=batch_cfg.loss_on,
-            mask_dtype=TORCH_DTYPES[compute_dtype],
+            collate_packed, pad_token_id=pad_token_id, loss_on=batch.loss_on, mask_dtype=mask_dtype
         )
     else:
-        pad_to = max_seq_len if batch_cfg.pad_to_max_len else None
+        pad_to = max_seq_len if batch.pad_to_max_len else None
         collate_fn = partial(
-            collate, pad_token_id=pad_token_id, pad_to=pad_to, loss_on=batch_cfg.loss_on
+            collate, pad_token_id=pad_token_id, loss_on=batch.loss_on, pad_to=pad_to
         )
     sampler = LengthGroupedSampler(
-        lengths,
-        batch_size,
-        rank,
-        world_size,
-        seed,
-        group_by_length=not batch_cfg.pad_to_max_len,
+        lengths, micro_batch, rank, world_size, seed, group_by_length=not batch.pad_to_max_len
     )
-    # batch_size=None: the sampler yields whole index lists, fetched in one read each.
     return DataLoader(
         _Rows(dataset, packs), sampler=sampler, batch_size=None, collate_fn=collate_fn
     )
 
 
 def build_eval_loader(
-    dataset, batch_size: int, pad_token_id: int, rank: int, world_size: int, loss_on: str = "all"
+    dataset,
+    batch: BatchConfig,
+    *,
+    micro_batch: int,
+    pad_token_id: int,
+    rank: int,
+    world_size: int,
 ) -> DataLoader:
     """Every eval row on exactly one rank (rank r takes rows r, r+W, ...): no padded duplicates.
 
-    Rows go in length order (order does not change an evaluation), so batches carry little padding.
+    Rows go in length order (order does not change an evaluation), so batches carry little
+    padding. The loss covers the tokens training's loss covers (`batch.loss_on`).
     """
     shard = list(range(rank, len(dataset), world_size))
     lengths = row_lengths(dataset)
     shard.sort(key=lambda i: lengths[i])
-    batches = [shard[i : i + batch_size] for i in range(0, len(shard), batch_size)]
+    batches = [shard[i : i + micro_batch] for i in range(0, len(shard), micro_batch)]
     return DataLoader(
         _Rows(dataset),
         sampler=batches,
         batch_size=None,
-        collate_fn=partial(collate, pad_token_id=pad_token_id, loss_on=loss_on),
+        collate_fn=partial(collate, pad_token_id=pad_token_id, loss_on=batch.loss_on),
     )

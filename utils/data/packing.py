@@ -14,6 +14,8 @@ import bisect
 
 import torch
 
+from utils.arithmetic import round_up
+from utils.data.collate import PAD_MULTIPLE
 from utils.data.common import IGNORE_INDEX
 from utils.data.labels import build_labels
 
@@ -65,11 +67,7 @@ def pack_rows(lengths: list[int], max_len: int) -> list[list[int]]:
 
 
 def collate_packed(
-    packs: list[list[dict]],
-    pad_token_id: int,
-    loss_on: str = "all",
-    multiple_of: int = 8,
-    mask_dtype: torch.dtype = torch.float32,
+    packs: list[list[dict]], *, pad_token_id: int, loss_on: str, mask_dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """Packs (lists of rows) into one batch, padded to the longest pack.
 
@@ -78,7 +76,7 @@ def collate_packed(
     tail forms its own block, so no query row is fully masked.
     """
     longest = max(sum(len(r["input_ids"]) for r in pack) for pack in packs)
-    width = -(-longest // multiple_of) * multiple_of
+    width = round_up(longest, PAD_MULTIPLE)
     batch = len(packs)
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
     labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)

@@ -1,7 +1,7 @@
 """The data-set catalogue: DeepSpeed-Chat's step-1 sources, one entry each.
 
 An entry says where a source loads from, which columns it needs, where its eval rows
-come from, and how one row becomes Example(prompt, chosen, rejected). Adding a data
+come from, and how one row becomes Example(prompt, response). Adding a data
 set is one formatter function and one DATASETS line.
 """
 
@@ -15,7 +15,7 @@ from utils.data.formats import Example, Formatter, first, is_text, question_answ
 
 
 @dataclass(frozen=True)
-class Adapter:
+class CatalogueEntry:
     hub_name: str  # what datasets.load_dataset gets
     columns: tuple[str, ...]  # top-level columns every row needs
     format: Formatter
@@ -25,23 +25,18 @@ class Adapter:
 
 def format_hh(row: dict[str, Any]) -> Example | None:
     """Dahoas/rm-static and full-hh-rlhf: already "\\n\\nHuman: ... Assistant:" + " answer"."""
-    return verbatim(row["prompt"], row["chosen"], row.get("rejected"))
+    return verbatim(row["prompt"], row["chosen"])
 
 
 def format_pairwise(row: dict[str, Any]) -> Example | None:
-    return question_answer(row["prompt"], row["chosen"], row.get("rejected"))
+    return question_answer(row["prompt"], row["chosen"])
 
 
 def format_yitingxie(row: dict[str, Any]) -> Example | None:
     """The prompt stops before "Assistant:"; responses start with "Assistant: "."""
     if not is_text(row["prompt"], row["chosen"]):
         return None
-    rejected = row.get("rejected")
-    return verbatim(
-        row["prompt"] + "Assistant:",
-        row["chosen"].split("Assistant:")[-1],
-        rejected.split("Assistant:")[-1] if is_text(rejected) else None,
-    )
+    return verbatim(row["prompt"] + "Assistant:", row["chosen"].split("Assistant:")[-1])
 
 
 CITATION = re.compile(r"\s?\[\d+(?:,\s*\d+)*\]")
@@ -55,18 +50,14 @@ def format_webgpt(row: dict[str, Any]) -> Example | None:
         return None
     answers = (row["answer_0"], row["answer_1"])
     best = 0 if scores[0] >= scores[1] else 1
-    chosen, rejected = (
-        CITATION.sub("", a) if isinstance(a, str) else None
-        for a in (answers[best], answers[1 - best])
-    )
-    return question_answer(question, chosen, rejected)
+    chosen = CITATION.sub("", answers[best]) if isinstance(answers[best], str) else None
+    return question_answer(question, chosen)
 
 
 def format_shp(row: dict[str, Any]) -> Example | None:
     """labels == 1 means human_ref_A is preferred."""
     a, b = row["human_ref_A"], row["human_ref_B"]
-    chosen, rejected = (a, b) if row["labels"] == 1 else (b, a)
-    return question_answer(row["history"], chosen, rejected)
+    return question_answer(row["history"], a if row["labels"] == 1 else b)
 
 
 def format_sharegpt_vicuna(row: dict[str, Any]) -> Example | None:
@@ -84,11 +75,7 @@ def format_zhihu(row: dict[str, Any]) -> Example | None:
 
 
 def format_miracl(row: dict[str, Any]) -> Example | None:
-    return question_answer(
-        row["query"],
-        first(row["positive_passages"], "text"),
-        first(row["negative_passages"], "text"),
-    )
+    return question_answer(row["query"], first(row["positive_passages"], "text"))
 
 
 def format_hc3(row: dict[str, Any]) -> Example | None:
@@ -114,52 +101,52 @@ def format_qag_jaquad(row: dict[str, Any]) -> Example | None:
 PAIR = ("prompt", "chosen")
 MIRACL = ("query", "positive_passages", "negative_passages")
 MKQA = ("queries", "answers")
-DATASETS: dict[str, Adapter] = {
-    "Dahoas/rm-static": Adapter("Dahoas/rm-static", PAIR, format_hh, "test"),
-    "Dahoas/full-hh-rlhf": Adapter("Dahoas/full-hh-rlhf", PAIR, format_hh, "test"),
-    "Dahoas/synthetic-instruct-gptj-pairwise": Adapter(
+DATASETS: dict[str, CatalogueEntry] = {
+    "Dahoas/rm-static": CatalogueEntry("Dahoas/rm-static", PAIR, format_hh, "test"),
+    "Dahoas/full-hh-rlhf": CatalogueEntry("Dahoas/full-hh-rlhf", PAIR, format_hh, "test"),
+    "Dahoas/synthetic-instruct-gptj-pairwise": CatalogueEntry(
         "Dahoas/synthetic-instruct-gptj-pairwise", PAIR, format_pairwise, None
     ),
-    "yitingxie/rlhf-reward-datasets": Adapter(
+    "yitingxie/rlhf-reward-datasets": CatalogueEntry(
         "yitingxie/rlhf-reward-datasets", PAIR, format_yitingxie, "test"
     ),
-    "openai/webgpt_comparisons": Adapter(
+    "openai/webgpt_comparisons": CatalogueEntry(
         "openai/webgpt_comparisons",
         ("question", "answer_0", "answer_1", "score_0", "score_1"),
         format_webgpt,
         None,
     ),
-    "stanfordnlp/SHP": Adapter(
+    "stanfordnlp/SHP": CatalogueEntry(
         "stanfordnlp/SHP",
         ("history", "human_ref_A", "human_ref_B", "labels"),
         format_shp,
         "validation",
     ),
-    "pvduy/sharegpt_alpaca_oa_vicuna_format": Adapter(
+    "pvduy/sharegpt_alpaca_oa_vicuna_format": CatalogueEntry(
         "pvduy/sharegpt_alpaca_oa_vicuna_format",
         ("prompt", "label"),
         format_sharegpt_vicuna,
         "test",
     ),
-    "wangrui6/Zhihu-KOL": Adapter(
+    "wangrui6/Zhihu-KOL": CatalogueEntry(
         "wangrui6/Zhihu-KOL", ("INSTRUCTION", "RESPONSE"), format_zhihu, None
     ),
-    "Cohere/miracl-zh-queries-22-12": Adapter(
+    "Cohere/miracl-zh-queries-22-12": CatalogueEntry(
         "Cohere/miracl-zh-queries-22-12", MIRACL, format_miracl, "dev"
     ),
-    "Cohere/miracl-ja-queries-22-12": Adapter(
+    "Cohere/miracl-ja-queries-22-12": CatalogueEntry(
         "Cohere/miracl-ja-queries-22-12", MIRACL, format_miracl, "dev"
     ),
-    "Hello-SimpleAI/HC3-Chinese": Adapter(
+    "Hello-SimpleAI/HC3-Chinese": CatalogueEntry(
         "Hello-SimpleAI/HC3-Chinese", ("question", "human_answers"), format_hc3, None, config="all"
     ),
-    "mkqa-Chinese": Adapter("mkqa", MKQA, format_mkqa("zh_cn"), None),
-    "mkqa-Japanese": Adapter("mkqa", MKQA, format_mkqa("ja"), None),
-    "lmqg/qg_jaquad": Adapter(
+    "mkqa-Chinese": CatalogueEntry("mkqa", MKQA, format_mkqa("zh_cn"), None),
+    "mkqa-Japanese": CatalogueEntry("mkqa", MKQA, format_mkqa("ja"), None),
+    "lmqg/qg_jaquad": CatalogueEntry(
         "lmqg/qg_jaquad", ("question", "sentence"), format_qg_jaquad, "validation"
     ),
-    "lmqg/qag_jaquad": Adapter(
+    "lmqg/qag_jaquad": CatalogueEntry(
         "lmqg/qag_jaquad", ("questions", "paragraph"), format_qag_jaquad, "validation"
     ),
-    "local/jsonfile": Adapter("local/jsonfile", PAIR, format_hh, "eval"),
+    "local/jsonfile": CatalogueEntry("local/jsonfile", PAIR, format_hh, "eval"),
 }

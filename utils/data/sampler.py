@@ -13,6 +13,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from utils.arithmetic import ceil_div
+
 # Rows sorted together: this many global batches. Large enough that most batches hold
 # rows of near-equal length, small enough that a batch's rows come from all over the data.
 GROUP_BATCHES = 64
@@ -47,20 +49,26 @@ class LengthGroupedSampler:
         self.seed = seed
         self.group_by_length = group_by_length
         self.epoch = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """A new order every epoch (DeepSpeed-Chat never tells its sampler the epoch)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """A new order every epoch (DeepSpeed-Chat never tells its sampler the epoch).
+
+        `skip`: the epoch's first micro-batches were already trained (a resumed run); only
+        their indices are drawn, no row is read or collated.
+        """
+        self.epoch, self.skip = epoch, skip
 
     @property
     def num_rows(self) -> int:
         return len(self.lengths)
 
     def __len__(self) -> int:
-        return -(-self.num_rows // (self.batch_size * self.world_size))
+        """Micro-batches of a whole epoch, on every rank."""
+        return ceil_div(self.num_rows, self.batch_size * self.world_size)
 
     def __iter__(self) -> Iterator[list[int]]:
-        for global_batch in self.global_batches():
+        for global_batch in self.global_batches()[self.skip :]:
             # Strided dealing: each rank gets rows from the whole sorted global batch, so
             # all ranks pad to about the same width and finish their steps together.
             mine = global_batch[self.rank :: self.world_size]

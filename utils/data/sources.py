@@ -1,4 +1,4 @@
-"""Data sources: parse --data_path entries, resolve them to an adapter and a location, load rows."""
+"""Data sources: parse --data_path entries, resolve them to a catalogue entry and a location, load rows."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from datasets import Dataset, load_dataset
 from utils.data.common import DataError
 from utils.data.formats import Formatter, detect_format
 from utils.data.local import BUILDERS, EVAL_SPLITS, fingerprint_path, load_local
-from utils.data.registry import DATASETS, Adapter
+from utils.data.registry import DATASETS, CatalogueEntry
 
 JSONFILE_DIR = "data"  # local/jsonfile reads data/train.json and data/eval.json (DeepSpeed-Chat)
 
@@ -21,7 +21,7 @@ class Source:
     name: str  # as the user wrote it, without the weight
     weight: float  # up/down-sampling factor of its train rows
     sft_only: bool  # all rows go to SFT, no --data_split
-    adapter: Adapter | None  # None: a local file whose columns pick the formatter
+    entry: CatalogueEntry | None  # None: a local file whose columns pick the formatter
     path: str | None  # local file or folder; None: load from the hub
 
 
@@ -46,7 +46,7 @@ def resolve_sources(data_path: list[str], sft_only_data_path: list[str]) -> list
 def resolve_source(spec: str, sft_only: bool = False) -> Source:
     name, weight = parse_weight(spec)
     if os.path.exists(name):
-        return Source(name, weight, sft_only, adapter_for_path(name), name)
+        return Source(name, weight, sft_only, catalogue_entry_for_path(name), name)
     if name == "local/jsonfile":
         return Source(name, weight, sft_only, DATASETS[name], find_jsonfile_dir())
     if name in DATASETS:
@@ -82,12 +82,12 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.path.splitext(name)[1].lower() in BUILDERS
 
 
-def adapter_for_path(path: str) -> Adapter | None:
-    """A local copy of a hub data set (a path ending in its name) uses that data set's adapter."""
+def catalogue_entry_for_path(path: str) -> CatalogueEntry | None:
+    """A local copy of a hub data set (a path ending in its name) uses that data set's catalogue entry."""
     normal = os.path.normpath(os.path.abspath(path)).replace(os.sep, "/")
-    for name, adapter in DATASETS.items():
+    for name, entry in DATASETS.items():
         if normal.endswith("/" + name) and name != "local/jsonfile":
-            return adapter
+            return entry
     return None
 
 
@@ -103,42 +103,42 @@ def find_jsonfile_dir() -> str:
 
 def load_source(source: Source, cache_dir: str) -> tuple[dict[str, Dataset], Formatter]:
     """{"train": rows[, "eval": rows]} and the formatter for them."""
-    adapter = source.adapter
-    if adapter is None:
+    entry = source.entry
+    if entry is None:
         eval_splits = EVAL_SPLITS
     else:  # a hub copy: its own eval split first; none for train-only data sets, like the hub
-        eval_splits = (adapter.eval_split, *EVAL_SPLITS) if adapter.eval_split else ()
+        eval_splits = (entry.eval_split, *EVAL_SPLITS) if entry.eval_split else ()
     if source.path:
         splits = load_local(source.path, cache_dir, eval_splits)
     else:
-        splits = load_hub(source.name, adapter)
-    if adapter is None:
+        splits = load_hub(source.name, entry)
+    if entry is None:
         return splits, detect_format(splits["train"].column_names, source.name)
     for split, rows in splits.items():
-        missing = [c for c in adapter.columns if c not in rows.column_names]
+        missing = [c for c in entry.columns if c not in rows.column_names]
         if missing:
             raise DataError(
                 f"{source.name} ({split}): missing column(s) {missing}; found {rows.column_names}. "
-                f"This data set needs {list(adapter.columns)}"
+                f"This data set needs {list(entry.columns)}"
             )
-    return splits, adapter.format
+    return splits, entry.format
 
 
-def load_hub(name: str, adapter: Adapter) -> dict[str, Dataset]:
+def load_hub(name: str, entry: CatalogueEntry) -> dict[str, Dataset]:
     """The hub data set behind catalogue entry `name` (mkqa-Chinese loads mkqa, say)."""
     try:
-        loaded = load_dataset(adapter.hub_name, adapter.config)
+        loaded = load_dataset(entry.hub_name, entry.config)
     except (ConnectionError, FileNotFoundError, OSError, ValueError) as err:
         raise DataError(
-            f"cannot load {adapter.hub_name!r} from the Hugging Face hub ({err}). Offline? On a "
-            f"machine with access run datasets.load_dataset({adapter.hub_name!r}"
-            f"{f', {adapter.config!r}' if adapter.config else ''}).save_to_disk('DIR/{name}') "
+            f"cannot load {entry.hub_name!r} from the Hugging Face hub ({err}). Offline? On a "
+            f"machine with access run datasets.load_dataset({entry.hub_name!r}"
+            f"{f', {entry.config!r}' if entry.config else ''}).save_to_disk('DIR/{name}') "
             f"(or download the repository to DIR/{name}), copy DIR here and pass "
             f"--data_path DIR/{name}"
         ) from err
     splits = {"train": loaded["train"]}
-    if adapter.eval_split:
-        splits["eval"] = loaded[adapter.eval_split]
+    if entry.eval_split:
+        splits["eval"] = loaded[entry.eval_split]
     return splits
 
 
@@ -146,4 +146,4 @@ def fingerprint_source(source: Source) -> str:
     """Changes whenever the source's rows change: file contents, or the hub data's fingerprint."""
     if source.path:
         return fingerprint_path(source.path)
-    return ",".join(rows._fingerprint for rows in load_hub(source.name, source.adapter).values())
+    return ",".join(rows._fingerprint for rows in load_hub(source.name, source.entry).values())

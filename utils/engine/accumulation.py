@@ -1,22 +1,68 @@
-"""The training loss of a micro-batch, weighted so an optimizer step averages what it should.
+"""How micro-batches become optimizer steps, and what each micro-batch's loss weighs.
 
-"token" (default, as TRL, OpenRLHF and torchtune): the step's loss is the mean NLL over
-every trained token of all its micro-batches on all ranks, so a long example weighs the
-same whether its micro-batch was long or short. "micro_batch" (DeepSpeed-Chat): the mean
-of per-micro-batch means. Losses are passed to `engine.backward(..., scale_wrt_gas=False)`:
-the division over the accumulation window happens here, not in DeepSpeed.
+An epoch's micro-batches are grouped into windows of --gradient_accumulation_steps; each
+window is one optimizer step, and the epoch's last window may be shorter (it still steps:
+a run never drops its last micro-batches, and an epoch ends on a step, so every
+epoch-end checkpoint is clean).
+
+Loss weighting, "token" (default, as TRL, OpenRLHF and torchtune): the step's loss is the
+mean NLL over every trained token of all its micro-batches on all ranks, so a long example
+weighs the same whether its micro-batch was long or short, and a short window is weighted
+by what it holds. "micro_batch" (DeepSpeed-Chat): the mean of per-micro-batch means.
+Losses are passed to `engine.backward(..., scale_wrt_gas=False)`: the division over the
+window happens here, not in DeepSpeed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from itertools import chain, islice
+from itertools import islice
 
 import torch
 
+from utils.arithmetic import ceil_div
 from utils.data.common import IGNORE_INDEX
 from utils.distributed import all_reduce_sum
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The run's optimizer steps, from the loader's real micro-batch count (packs, not rows)."""
+
+    micro_batches_per_epoch: int
+    accumulation: int
+    epochs: int
+    max_steps: int | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return ceil_div(self.micro_batches_per_epoch, self.accumulation)
+
+    @property
+    def uncapped_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def total_steps(self) -> int:
+        return min(self.uncapped_steps, self.max_steps or self.uncapped_steps)
+
+
+@dataclass
+class DataPosition:
+    """Where training stands: `micro_batches` of epoch `epoch` have been trained on.
+
+    Always at a window's end: that is where steps, and so checkpoints, happen.
+    """
+
+    epoch: int = 0
+    micro_batches: int = 0
+
+    def advance(self, window: Window) -> None:
+        self.micro_batches += len(window.batches)
+
+    def next_epoch(self) -> None:
+        self.epoch, self.micro_batches = self.epoch + 1, 0
 
 
 @dataclass
@@ -33,27 +79,17 @@ def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def accumulation_windows(
-    loader: Iterable[dict[str, torch.Tensor]],
-    accumulation: int,
-    device: torch.device,
-    carry: list[dict[str, torch.Tensor]],
+    loader: Iterable[dict[str, torch.Tensor]], accumulation: int, device: torch.device
 ) -> Iterator[Window]:
     """Group the loader's micro-batches into optimizer steps and count each step's tokens.
 
     Looks ahead over the window (batches stay on the host) so the token count of the
-    whole step, summed over ranks, is known before its first backward. Every rank has the
-    same number of micro-batches, so windows line up across ranks. An epoch's last few
-    micro-batches (fewer than `accumulation`) wait in `carry` and open the next epoch's
-    first window: DeepSpeed counts accumulation across epoch ends, and no step happens
-    in between, so training them then gives the same step. After the last epoch they
-    are never trained (DeepSpeed would never step them either).
+    whole step, summed over ranks, is known before its first backward. Every rank has
+    the same number of micro-batches, so windows (the last, short one too) line up
+    across ranks.
     """
-    batches = chain(list(carry), loader)
-    carry.clear()
+    batches = iter(loader)
     while window := list(islice(batches, accumulation)):
-        if len(window) < accumulation:
-            carry.extend(window)
-            return
         local = sum(trained_tokens(b) for b in window)
         (total,) = all_reduce_sum([local], device)
         yield Window(window, int(total))

@@ -12,7 +12,7 @@ rewrites `latest` (both atomic renames). A run killed mid-save therefore leaves 
 
 Exact resume restores: weights, optimizer, LR schedule, loss scaler and step counters
 (DeepSpeed), every rank's Python/NumPy/torch/accelerator RNG streams, and the data
-position (epoch + micro-batches already consumed in it; the loader replays the epoch's
+position (epoch + micro-batches already consumed in it; the sampler replays the epoch's
 order and skips that many batches).
 
 Test hook (the only one): SFT_TEST_SLOW_SAVE_STEP=N makes rank 0 sleep 60 s while the
@@ -21,16 +21,17 @@ checkpoint of step N is still unpublished, so a test can SIGKILL the run mid-sav
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
-from utils.config import CheckpointConfig
 from utils.distributed import DistInfo, barrier, print_rank_0, warn_rank_0
+from utils.engine.accumulation import DataPosition
 from utils.engine.checkpoint_checks import RUN_STATE, RunShape, check_resumable, run_shape
+from utils.engine.config import CheckpointConfig
+from utils.engine.ds_config import EngineSetup
 from utils.engine.preemption import install_preemption_handlers, stop_requested
 from utils.engine.resume_state import gather_rng_states, replay_cpu_adam_steps, set_rng_state
 from utils.errors import UserError
@@ -40,14 +41,6 @@ PREFIX = "checkpoint-"
 TEMP_PREFIX = ".tmp-"
 LATEST = "latest"
 SLOW_SAVE_ENV = "SFT_TEST_SLOW_SAVE_STEP"
-
-
-@dataclass
-class DataPosition:
-    """Where training stands: `micro_batches` of epoch `epoch` have been trained on."""
-
-    epoch: int = 0
-    micro_batches: int = 0
 
 
 def checkpoint_problems(cfg: CheckpointConfig) -> list[str]:
@@ -216,10 +209,6 @@ class Checkpointer:
 
     def after_epoch(self, engine, position: DataPosition) -> bool:
         """The epoch-end checkpoint (when saving is on); True when the run must stop now."""
-        if engine.micro_steps % engine.gradient_accumulation_steps():
-            # DeepSpeed carries a partial accumulation into the next epoch; those gradients
-            # are in no checkpoint, so save (or stop) only at the next optimizer step.
-            return False
         self.preempted = stop_requested(self.dist.device)
         if self.preempted or self.cfg.save_steps:
             self._save(engine, position)
@@ -243,38 +232,14 @@ class Checkpointer:
         return bool(self.preempted)
 
 
-def start_run(
-    cfg: CheckpointConfig, output_dir: str, model, ds_config: dict, dist: DistInfo
+def build_checkpointer(
+    cfg: CheckpointConfig, output_dir: str, model, setup: EngineSetup, dist: DistInfo
 ) -> Checkpointer:
     """Pick and vet the checkpoint to resume (before the engine exists, so a refusal is
     cheap), and route SIGTERM/SIGUSR1 to checkpoint-and-exit from here on."""
-    shape = run_shape(model, dist.world_size, ds_config)
+    shape = run_shape(model, dist.world_size, setup.zero_stage)
     path = find_checkpoint(cfg, output_dir)
     if path:
         check_resumable(path, shape)
     install_preemption_handlers()
     return Checkpointer(cfg=cfg, output_dir=output_dir, shape=shape, dist=dist, resume_from=path)
-
-
-def skip_batches(loader, count: int):
-    """The loader's batches after the first `count` (its order for the current epoch).
-
-    Only batch indices are drawn for the skipped ones: no row is read or collated.
-    """
-    if count == 0:
-        return loader
-    from torch.utils.data import DataLoader
-
-    if loader.batch_sampler is None:  # batch_size=None: the sampler yields whole index lists
-        rest = list(itertools.islice(iter(loader.sampler), count, None))
-        return DataLoader(
-            loader.dataset, sampler=rest, batch_size=None, collate_fn=loader.collate_fn
-        )
-    indices = itertools.islice(iter(loader.batch_sampler), count, None)
-    return DataLoader(
-        loader.dataset,
-        batch_sampler=list(indices),
-        collate_fn=loader.collate_fn,
-        num_workers=loader.num_workers,
-        pin_memory=loader.pin_memory,
-    )

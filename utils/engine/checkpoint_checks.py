@@ -26,11 +26,10 @@ class RunShape:
     param_shapes: dict[str, list[int]]
 
 
-def run_shape(model: torch.nn.Module, world_size: int, ds_config: dict) -> RunShape:
+def run_shape(model: torch.nn.Module, world_size: int, zero_stage: int) -> RunShape:
     # ds_shape: at ZeRO-3 a parameter's own shape is that of its (possibly empty) shard.
     shapes = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
-    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    return RunShape(world_size=world_size, zero_stage=stage, param_shapes=shapes)
+    return RunShape(world_size=world_size, zero_stage=zero_stage, param_shapes=shapes)
 
 
 def check_resumable(path: str, current: RunShape) -> dict:

@@ -1,15 +1,55 @@
-"""The DeepSpeed configuration, built from the flags as a plain dict (a pure function)."""
+"""The DeepSpeed configuration: built from the flags as a plain dict, a --deepspeed_config
+file merged over it, and the one object every consumer reads the effective settings from."""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
-from utils.config import EngineConfig, TrainConfig
+from utils.engine.config import EngineConfig, TrainConfig
 from utils.errors import UserError
+from utils.observe.config import ObserveConfig
 
 
-def build_ds_config(engine: EngineConfig, train: TrainConfig, world_size: int, dtype: str) -> dict:
+@dataclass(frozen=True)
+class EngineSetup:
+    """The merged DeepSpeed config and what it decides.
+
+    A --deepspeed_config file may override any key, so the ZeRO stage, precision and offload
+    are read from here (or from the engine once it exists), never from the flags: model
+    initialisation, saving, checkpoint checks, the summary and the memory plan then all agree
+    with what DeepSpeed trains.
+    """
+
+    config: dict
+    world_size: int
+    dtype_reason: str  # why this precision (the summary prints it)
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.config.get("zero_optimization", {}).get("stage", 0))
+
+    @property
+    def dtype(self) -> str:
+        for dtype in ("fp16", "bf16"):
+            if self.config.get(dtype, {}).get("enabled"):
+                return dtype
+        return "fp32"
+
+    @property
+    def offload(self) -> bool:
+        """Whether the optimizer states (and parameters, if set) live in CPU memory."""
+        zero = self.config.get("zero_optimization", {})
+        return any(
+            (zero.get(key) or {}).get("device", "none") == "cpu"
+            for key in ("offload_optimizer", "offload_param")
+        )
+
+
+def build_ds_config(
+    engine: EngineConfig, train: TrainConfig, observe: ObserveConfig, world_size: int, dtype: str
+) -> dict:
     """ZeRO stage, offload, precision, batch geometry, clipping and TensorBoard.
 
     `dtype` is the resolved precision (fp32, fp16 or bf16). A --deepspeed_config file, if
@@ -30,7 +70,7 @@ def build_ds_config(engine: EngineConfig, train: TrainConfig, world_size: int, d
         if engine.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     config = {
-        "train_batch_size": engine.global_batch(micro, world_size, accumulation),
+        "train_batch_size": micro * world_size * accumulation,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accumulation,
         # We log ourselves; DeepSpeed's own periodic prints would interleave with ours.
@@ -42,10 +82,10 @@ def build_ds_config(engine: EngineConfig, train: TrainConfig, world_size: int, d
         "prescale_gradients": False,
         "wall_clock_breakdown": False,
     }
-    if engine.enable_tensorboard:
+    if observe.enable_tensorboard:
         config["tensorboard"] = {
             "enabled": True,
-            "output_path": os.path.join(engine.tensorboard_path, "ds_tensorboard_logs"),
+            "output_path": os.path.join(observe.tensorboard_path, "ds_tensorboard_logs"),
             "job_name": "step1_model_tensorboard",
         }
     if engine.deepspeed_config:

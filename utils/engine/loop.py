@@ -1,20 +1,26 @@
-"""The training loop and evaluation."""
+"""The training loop and its evaluation.
+
+`train(loop, cfg)` evaluates the starting point, then runs the epochs: each epoch's
+micro-batches are grouped into accumulation windows (utils/engine/accumulation.py), each
+window is one optimizer step, and the model is evaluated after every epoch. The loss is
+pulled to the host only on the steps that are logged.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from utils.config import TrainConfig
 from utils.data.common import IGNORE_INDEX
-from utils.data.loaders import MODEL_INPUTS
 from utils.distributed import DistInfo, all_reduce_max, all_reduce_sum, print_rank_0
-from utils.engine.accumulation import accumulation_windows, micro_batch_loss
-from utils.engine.checkpoint import Checkpointer, DataPosition, skip_batches
+from utils.engine.accumulation import StepPlan, Window, accumulation_windows, micro_batch_loss
+from utils.engine.checkpoint import Checkpointer
+from utils.engine.config import TrainConfig
+from utils.model.loss import model_nll
 from utils.observe.progress import RunMonitor, grad_norm
 from utils.observe.throughput import ThroughputMeter, format_throughput
 
@@ -26,33 +32,107 @@ class EvalResult:
     tokens: int
 
 
-def token_nll(logits: torch.Tensor, labels: torch.Tensor, fp32: bool) -> tuple[torch.Tensor, int]:
-    """Summed next-token negative log-likelihood over non-ignored labels, and their count.
+@dataclass
+class TrainLoop:
+    """What the loop drives: the engine and its data, and who watches and checkpoints it."""
 
-    logits: [B, T, V]; labels: [B, T] (IGNORE_INDEX where no loss applies).
+    engine: Any  # deepspeed.DeepSpeedEngine
+    train_loader: DataLoader
+    eval_loader: DataLoader
+    dist: DistInfo
+    plan: StepPlan
+    monitor: RunMonitor
+    meter: ThroughputMeter
+    checkpointer: Checkpointer
+    fp32_loss: bool  # --compute_fp32_loss: the softmax in fp32 (sums are fp32 regardless)
+
+
+def train(loop: TrainLoop, cfg: TrainConfig) -> list[EvalResult]:
+    """Evaluate the starting point, then train from the checkpointer's start position,
+    evaluating after every epoch. Returns the evaluations (the starting one first).
+
+    Returns early, with `loop.checkpointer.preempted` set, when a signal stopped the run.
     """
-    shifted_logits = logits[:, :-1, :]
-    shifted_labels = labels[:, 1:]
-    if fp32:
-        shifted_logits = shifted_logits.float()
-    nll = F.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.size(-1)),
-        shifted_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
+    engine, plan, position = loop.engine, loop.plan, loop.checkpointer.start
+    results = [evaluate_and_report(loop, epoch=0, label="Epoch 0 (before training)")]
+    try:
+        for epoch in range(position.epoch, cfg.num_train_epochs):
+            if engine.global_steps >= plan.total_steps:  # resumed from the run's last checkpoint
+                break
+            # A new order every epoch (DeepSpeed-Chat never tells its sampler the epoch).
+            loop.train_loader.sampler.set_epoch(epoch, skip=position.micro_batches)
+            print_rank_0(
+                f"Beginning of Epoch {epoch + 1}/{cfg.num_train_epochs}, "
+                f"Total Micro Batches {len(loop.train_loader.sampler)}"
+            )
+            windows = accumulation_windows(
+                loop.train_loader, cfg.gradient_accumulation_steps, loop.dist.device
+            )
+            for window in windows:
+                step_nll = train_step(loop, window, cfg.loss_averaging)
+                position.advance(window)
+                log_step(loop, epoch + 1, window, step_nll)
+                if loop.checkpointer.after_step(engine, position):
+                    return results
+                if engine.global_steps >= plan.total_steps:
+                    break
+            label = f"Epoch {epoch + 1}/{cfg.num_train_epochs}"
+            with loop.meter.paused():
+                results.append(evaluate_and_report(loop, epoch=epoch + 1, label=label))
+            position.next_epoch()
+            if loop.checkpointer.after_epoch(engine, position):
+                return results
+        print_rank_0(
+            f"throughput over the run: {format_throughput(loop.meter.report(overall=True))}"
+        )
+        return results
+    finally:
+        loop.monitor.close()
+
+
+def train_step(loop: TrainLoop, window: Window, loss_averaging: str) -> torch.Tensor:
+    """One optimizer step over the window's micro-batches; the step's summed NLL (on device)."""
+    engine, device = loop.engine, loop.dist.device
+    step_nll = torch.zeros((), device=device)
+    for i, batch in enumerate(window.batches):
+        loop.meter.add_batch(batch)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        # The window may be shorter than --gradient_accumulation_steps (an epoch's last
+        # step): its last micro-batch is where the optimizer steps.
+        engine.set_gradient_accumulation_boundary(i == len(window.batches) - 1)
+        nll, count = model_nll(engine, batch, loop.fp32_loss)
+        loss = micro_batch_loss(nll, count, window, loss_averaging, loop.dist.world_size)
+        # The loss is already divided over the window; DeepSpeed must not divide again.
+        engine.backward(loss, scale_wrt_gas=False)
+        engine.step()
+        step_nll += nll.detach()
+    loop.meter.end_step()
+    return step_nll
+
+
+def log_step(loop: TrainLoop, epoch: int, window: Window, step_nll: torch.Tensor) -> None:
+    """Advance the progress display; on logged steps, gather and record the step's figures."""
+    step = loop.engine.global_steps
+    loop.monitor.advance(step)
+    if not loop.monitor.due(step):
+        return  # no host sync, no collective on the steps nobody reads
+    (step_nll,) = all_reduce_sum([float(step_nll)], loop.dist.device)
+    loop.monitor.record_step(
+        step,
+        epoch,
+        loss=step_nll / max(window.tokens, 1),  # token mean of the whole step
+        lr=loop.engine.get_lr()[0],
+        grad_norm=grad_norm(loop.engine),
+        skipped_steps=loop.engine.skipped_steps,  # fp16 loss-scale overflows
+        **loop.meter.report(),
     )
-    return nll, int((shifted_labels != IGNORE_INDEX).sum())
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def forward_nll(engine, batch: dict[str, torch.Tensor], fp32: bool) -> tuple[torch.Tensor, int]:
-    labels = batch["labels"]
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    logits = engine(**inputs, use_cache=False).logits
-    return token_nll(logits, labels, fp32)
+def evaluate_and_report(loop: TrainLoop, epoch: int, label: str) -> EvalResult:
+    result = evaluate(loop.engine, loop.eval_loader, loop.dist, loop.fp32_loss)
+    print_eval(result, label)
+    loop.monitor.record_eval(loop.engine.global_steps, epoch, result)
+    return result
 
 
 @torch.no_grad()
@@ -67,10 +147,9 @@ def evaluate(engine, loader: DataLoader, dist: DistInfo, fp32_loss: bool) -> Eva
     rounds = all_reduce_max(len(batches), dist.device)
     nll_sum, tokens = 0.0, 0
     for i in range(rounds):
-        batch = to_device(batches[min(i, len(batches) - 1)], dist.device) if batches else None
-        if batch is None:  # a rank with no rows at all still joins the collectives
-            batch = to_device(_empty_like_batch(dist.device), dist.device)
-        nll, count = forward_nll(engine, batch, fp32_loss)
+        batch = batches[min(i, len(batches) - 1)] if batches else _empty_batch()
+        batch = {k: v.to(dist.device, non_blocking=True) for k, v in batch.items()}
+        nll, count = model_nll(engine, batch, fp32_loss)
         if i < len(batches):
             nll_sum += float(nll)
             tokens += count
@@ -80,8 +159,9 @@ def evaluate(engine, loader: DataLoader, dist: DistInfo, fp32_loss: bool) -> Eva
     return EvalResult(loss=loss, perplexity=_safe_exp(loss), tokens=int(tokens))
 
 
-def _empty_like_batch(device: torch.device) -> dict[str, torch.Tensor]:
-    ids = torch.zeros((1, 8), dtype=torch.long, device=device)
+def _empty_batch() -> dict[str, torch.Tensor]:
+    """A rank with no eval rows at all still joins the collectives, with nothing to score."""
+    ids = torch.zeros((1, 8), dtype=torch.long)
     return {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
@@ -96,89 +176,7 @@ def _safe_exp(loss: float) -> float:
         return float("inf")
 
 
-def log_eval(result: EvalResult, label: str) -> None:
+def print_eval(result: EvalResult, label: str) -> None:
     # "ppl: <value>, loss: <value>" is DeepSpeed-Chat's format; log parsers rely on it.
     print_rank_0(f"***** Evaluating perplexity, {label} *****")
     print_rank_0(f"ppl: {result.perplexity}, loss: {result.loss}")
-
-
-def train(
-    engine,
-    train_loader: DataLoader,
-    eval_loader: DataLoader,
-    train_cfg: TrainConfig,
-    dist: DistInfo,
-    total_steps: int,
-    fp32_loss: bool,
-    monitor: RunMonitor,
-    meter: ThroughputMeter,
-    run: Checkpointer,
-    loss_averaging: str = "token",
-    log_every: int = 10,
-) -> list[EvalResult]:
-    """Run the epochs from `run.start`; evaluate after each. Returns the per-epoch eval results.
-
-    Returns early, with `run.preempted` set, when a preemption signal stopped the run.
-    """
-    results, carry = [], []
-    for epoch in range(run.start.epoch, train_cfg.num_train_epochs):
-        if engine.global_steps >= total_steps:  # resumed from the run's last checkpoint
-            break
-        # A new order every epoch (DeepSpeed-Chat never tells its sampler the epoch).
-        train_loader.sampler.set_epoch(epoch)
-        consumed = run.start.micro_batches if epoch == run.start.epoch else 0
-        print_rank_0(
-            f"Beginning of Epoch {epoch + 1}/{train_cfg.num_train_epochs}, "
-            f"Total Micro Batches {len(train_loader)}"
-        )
-        carried = len(carry)  # the last epoch's leftovers open this epoch's first window
-        windows = accumulation_windows(
-            skip_batches(train_loader, consumed),
-            train_cfg.gradient_accumulation_steps,
-            dist.device,
-            carry,
-        )
-        for window in windows:
-            step_nll = 0.0
-            for i, batch in enumerate(window.batches):
-                meter.add_batch(batch)
-                batch = to_device(batch, dist.device)
-                engine.set_gradient_accumulation_boundary(i == len(window.batches) - 1)
-                nll, count = forward_nll(engine, batch, fp32_loss)
-                loss = micro_batch_loss(nll, count, window, loss_averaging, dist.world_size)
-                # The loss is already divided over the window; DeepSpeed must not divide again.
-                engine.backward(loss, scale_wrt_gas=False)
-                engine.step()
-                step_nll = step_nll + nll.detach()
-            meter.end_step()
-            consumed += len(window.batches) - carried  # the data position counts this epoch's
-            carried = 0
-            step = engine.global_steps
-            monitor.advance(step)
-            if train_cfg.print_loss or step % log_every == 0 or step == total_steps:
-                (step_nll,) = all_reduce_sum([float(step_nll)], dist.device)
-                monitor.log_step(
-                    step,
-                    epoch + 1,
-                    loss=step_nll / max(window.tokens, 1),  # token mean of the whole step
-                    lr=engine.get_lr()[0],
-                    grad_norm=grad_norm(engine),
-                    skipped_steps=engine.skipped_steps,  # fp16 loss-scale overflows
-                    **meter.report(),
-                )
-            if run.after_step(engine, DataPosition(epoch, consumed)):
-                return results
-            if step >= total_steps:
-                break
-        with meter.paused():
-            result = evaluate(engine, eval_loader, dist, fp32_loss)
-        log_eval(result, f"Epoch {epoch + 1}/{train_cfg.num_train_epochs}")
-        monitor.log_eval(engine.global_steps, epoch + 1, result)
-        results.append(result)
-        # Leftover micro-batches (in `carry`) are in no checkpoint yet: the next step saves.
-        if not carry and run.after_epoch(engine, DataPosition(epoch + 1, 0)):
-            return results
-        if engine.global_steps >= total_steps:
-            break
-    print_rank_0(f"throughput over the run: {format_throughput(meter.report(overall=True))}")
-    return results

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import get_scheduler
 
-from utils.config import LoraConfig, TrainConfig
+from utils.engine.config import TrainConfig
+from utils.model.config import LoraConfig
 from utils.model.lora import is_lora_parameter
 
 # Parameters whose names contain these never get weight decay (biases and norm weights).
@@ -32,11 +33,13 @@ def build_param_groups(model: torch.nn.Module, train: TrainConfig, lora: LoraCon
 
 
 def build_optimizer(
-    param_groups: list[dict], train: TrainConfig, on_cuda: bool, offload: bool
+    param_groups: list[dict], train: TrainConfig, offload: bool
 ) -> torch.optim.Optimizer:
     """DeepSpeed's fused Adam on CUDA; its vectorised CPU Adam when offloading or on CPU."""
+    from deepspeed.accelerator import get_accelerator
     from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 
+    on_cuda = get_accelerator().device_name() == "cuda"
     optimizer_class = FusedAdam if on_cuda and not offload else DeepSpeedCPUAdam
     return optimizer_class(param_groups, lr=train.learning_rate, betas=ADAM_BETAS)
 

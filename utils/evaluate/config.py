@@ -6,9 +6,9 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.config import DataConfig, default_cache_dir
 from utils.data.build import check_data_config
-from utils.errors import UserError
+from utils.data.config import LOSS_ON, DataConfig, default_cache_dir
+from utils.errors import ConfigError, format_problems
 from utils.evaluate.generation import (
     DECODINGS,
     HUB_DECODINGS,
@@ -39,6 +39,7 @@ class PromptEvalConfig:
     eval_data_path: list[str] = field(default_factory=list)
     max_seq_len: int = 512
     max_eval_rows: int | None = None
+    loss_on: str = "all"
     data_output_path: str = ""
     output: str | None = None
     ignored_flags: list[str] = field(default_factory=list)
@@ -159,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Score only the first N evaluation rows (default: all).",
     )
     e.add_argument(
+        "--loss_on",
+        choices=LOSS_ON,
+        default="all",
+        help="Tokens the perplexity covers, as main.py's flag of the same name: give "
+        "training's value so the numbers match its evaluation.",
+    )
+    e.add_argument(
         "--data_output_path",
         default=None,
         help="Tokenised-data cache folder (default: the one main.py uses).",
@@ -196,6 +204,7 @@ def parse_args(argv: list[str] | None = None) -> PromptEvalConfig:
         eval_data_path=list(args.eval_data_path),
         max_seq_len=args.max_seq_len,
         max_eval_rows=args.max_eval_rows,
+        loss_on=args.loss_on,
         data_output_path=args.data_output_path or default_cache_dir(),
         output=args.output,
     )
@@ -253,4 +262,4 @@ def validate(cfg: PromptEvalConfig) -> None:
     if cfg.output and Path(cfg.output).suffix.lower() not in REPORT_FORMATS:
         problems.append(f"--output {cfg.output}: unknown extension; use .md or .json")
     if problems:
-        raise UserError("\n  ".join(["invalid arguments:", *problems]))
+        raise ConfigError(format_problems(problems))

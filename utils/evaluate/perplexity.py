@@ -1,8 +1,9 @@
 """Perplexity of a causal LM on tokenised SFT rows ({"input_ids", "prompt_len"}).
 
-Token-weighted: the exponential of the mean next-token loss over every non-pad
-token of every row (prompt and response, as main.py's evaluation scores them), so
-a long row counts for what it holds rather than one row one vote.
+Token-weighted: the exponential of the mean next-token loss over the tokens the loss
+covers (--loss_on: every non-pad token, or only the responses), computed by the same
+collate and loss as main.py's evaluation, so the two report the same number on the same
+rows.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
-from utils.config import DataConfig
 from utils.data.build import build_sft_data
-from utils.data.loaders import collate
-from utils.engine.loop import token_nll
+from utils.data.collate import collate
+from utils.data.config import DataConfig
 from utils.errors import UserError
+from utils.model.loss import model_nll
 
 
 def load_eval_rows(cfg: DataConfig, tokenizer, max_rows: int | None) -> list[dict]:
@@ -29,23 +30,18 @@ def load_eval_rows(cfg: DataConfig, tokenizer, max_rows: int | None) -> list[dic
 
 
 def compute_perplexity(
-    model: PreTrainedModel, rows: Sequence[dict], pad_token_id: int, batch_size: int = 8
+    model: PreTrainedModel, rows: Sequence[dict], pad_token_id: int, loss_on: str, batch_size: int
 ) -> float:
-    """exp(mean next-token loss over every non-pad token of `rows`), as main.py's evaluation.
-
-    The batches and the loss are main.py's own (collate, token_nll), so the number
-    matches the perplexity training reports on the same rows.
-    """
+    """exp(mean next-token loss over the `loss_on` tokens of `rows`), as main.py's evaluation."""
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(rows), batch_size):
-        batch = collate(list(rows[start : start + batch_size]), pad_token_id)
+        batch = collate(
+            list(rows[start : start + batch_size]), pad_token_id=pad_token_id, loss_on=loss_on
+        )
         with torch.no_grad():
-            logits = model(
-                input_ids=batch["input_ids"].to(model.device),
-                attention_mask=batch["attention_mask"].to(model.device),
-                use_cache=False,
-            ).logits
-        nll, tokens = token_nll(logits, batch["labels"].to(model.device), fp32=True)
+            nll, tokens = model_nll(
+                model, {k: v.to(model.device) for k, v in batch.items()}, fp32=True
+            )
         total_nll += nll.item()
         total_tokens += tokens
     if total_tokens == 0:

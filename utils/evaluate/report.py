@@ -105,7 +105,8 @@ def _header_lines(report: dict) -> list[str]:
     ]
     if ppl:
         lines.append(
-            f"perplexity on {ppl['rows']} rows of {' '.join(ppl['data_path'])}: "
+            f"perplexity on {ppl['rows']} rows of {' '.join(ppl['data_path'])} "
+            f"(loss on {ppl['loss_on']} tokens, as training's --loss_on {ppl['loss_on']}): "
             f"baseline {ppl['baseline']:.3f}, finetuned {ppl['finetune']:.3f}"
         )
     return lines

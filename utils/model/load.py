@@ -20,9 +20,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from utils.config import ModelConfig
+from utils.arithmetic import round_up
 from utils.distributed import warn_rank_0
 from utils.errors import UserError
+from utils.model.config import ModelConfig
 
 # Config attributes that hold a dropout probability, across the decoder families we support.
 DROPOUT_KEYS = (
@@ -70,7 +71,9 @@ def max_positions(config: PretrainedConfig) -> int | None:
     return None
 
 
-def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+def load_tokenizer(cfg: ModelConfig, eot_token: str | None) -> PreTrainedTokenizerBase:
+    """The model's own tokenizer, padding on the right; `eot_token` is added as a special
+    token when given (--add_eot_token)."""
     tokenizer = AutoTokenizer.from_pretrained(
         cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code
     )
@@ -82,15 +85,15 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
             f"token {tokenizer.eos_token!r} for padding (pad positions never enter the loss)."
         )
         tokenizer.pad_token = tokenizer.eos_token
-    if cfg.add_eot_token:
-        tokenizer.add_special_tokens({"additional_special_tokens": [cfg.eot_token]})
+    if eot_token is not None:
+        tokenizer.add_special_tokens({"additional_special_tokens": [eot_token]})
     tokenizer.padding_side = "right"
     return tokenizer
 
 
 def padded_vocab_size(tokenizer: PreTrainedTokenizerBase) -> int:
     """Embedding rows for the tokenizer, rounded up to a multiple of 8 (tensor-core friendly)."""
-    return -(-len(tokenizer) // 8) * 8
+    return round_up(len(tokenizer), 8)
 
 
 def build_model(

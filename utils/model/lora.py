@@ -21,8 +21,8 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from utils.config import LoraConfig
 from utils.errors import UserError
+from utils.model.config import LoraConfig
 
 DEFAULT_SCOPE = LoraConfig.lora_module_name
 # Tried in order when the user keeps the OPT default and it matches nothing.

@@ -63,13 +63,10 @@ def save_hf_model(
     tokenizer: PreTrainedTokenizerBase,
     output_dir: str,
     zero_stage: int,
-    dtype: torch.dtype | None = None,
 ) -> None:
     """Save config, safetensors weights, tokenizer and generation config to `output_dir`."""
     state = gather_state_dict(model, zero_stage)
     if is_main_process():
-        if dtype is not None:
-            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         plain = model.get_base_model() if isinstance(model, PeftModel) else model
         publish_hf_folder(plain, tokenizer, state, output_dir)
     barrier()

@@ -16,23 +16,25 @@ import tempfile
 import time
 from typing import TextIO
 
-from utils.config import EngineConfig
 from utils.distributed import is_main_process
+from utils.observe.config import ObserveConfig
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "training_curves.png"
+LOG_EVERY = 10  # optimizer steps between logged steps (every step with --print_loss)
 
 
 def build_monitor(
-    output_dir: str | None, engine_cfg: EngineConfig, total_steps: int, start_step: int
+    output_dir: str | None, cfg: ObserveConfig, total_steps: int, start_step: int
 ) -> RunMonitor:
     """The monitor main.py hands the loop; TensorBoard scalars go to <tensorboard_path>/sft."""
-    tensorboard = engine_cfg.tensorboard_path if engine_cfg.enable_tensorboard else None
+    tensorboard = cfg.tensorboard_path if cfg.enable_tensorboard else None
     return RunMonitor(
         output_dir,
         total_steps,
         start_step=start_step,
         tensorboard_dir=os.path.join(tensorboard, "sft") if tensorboard else None,
+        print_loss=cfg.print_loss,
     )
 
 
@@ -51,9 +53,11 @@ class RunMonitor:
         tensorboard_dir: str | None = None,
         stream: TextIO | None = None,
         enabled: bool | None = None,
+        print_loss: bool = False,
     ) -> None:
         self.enabled = is_main_process() if enabled is None else enabled
         self.total_steps = total_steps
+        self.print_loss = print_loss
         self.start_step = start_step
         self.stream = stream or sys.stdout
         self.started = time.perf_counter()
@@ -93,7 +97,11 @@ class RunMonitor:
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
 
-    def log_step(self, step: int, epoch: int, **values: float | None) -> None:
+    def due(self, step: int) -> bool:
+        """Whether `step` is logged (the same answer on every rank: logging is collective)."""
+        return self.print_loss or step % LOG_EVERY == 0 or step == self.total_steps
+
+    def record_step(self, step: int, epoch: int, **values: float | None) -> None:
         """One logging interval: loss, lr, grad_norm, tokens_per_s, skipped_steps, ..."""
         if not self.enabled:
             return
@@ -108,8 +116,8 @@ class RunMonitor:
             line = f"epoch {epoch} step {step}/{self.total_steps} {_format_values(values)}"
             print(f"{line} eta {self._eta(step)}", file=self.stream, flush=True)
 
-    def log_eval(self, step: int, epoch: int, result) -> None:
-        """Record an evaluation (`result` has .loss and .perplexity; printing is log_eval's)."""
+    def record_eval(self, step: int, epoch: int, result) -> None:
+        """Record an evaluation (`result` has .loss and .perplexity; printing is print_eval's)."""
         if not self.enabled:
             return
         values = {"loss": result.loss, "perplexity": result.perplexity}

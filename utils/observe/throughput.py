@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from utils.distributed import all_reduce_sum
+from utils.distributed import DistInfo, all_reduce_sum
 
 # Dense bf16/fp16 tensor-core peak TFLOP/s per GPU. First name fragment found in the
 # device name wins, so the more specific names come first.
@@ -163,13 +163,12 @@ def _synchronize(device: torch.device) -> None:
 
 
 def build_meter(
-    model: torch.nn.Module,
-    checkpointing: bool,
-    dtype: str,
-    peak_override: float | None,
-    device: torch.device,
-    world_size: int,
+    engine, checkpointing: bool, peak_override: float | None, dist: DistInfo
 ) -> ThroughputMeter:
+    """The meter for the engine's model, at the precision the engine really trains in."""
+    dtype = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
+    device = dist.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     peak = lookup_peak_tflops(name, dtype, peak_override)
-    return ThroughputMeter(build_flop_shape(model, checkpointing), peak, device, world_size)
+    shape = build_flop_shape(engine.module, checkpointing)
+    return ThroughputMeter(shape, peak, device, dist.world_size)

@@ -19,8 +19,11 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from utils.config import Config, EngineConfig, LoraConfig, PlannerConfig
+from utils.config import Config
+from utils.engine.config import EngineConfig
+from utils.model.config import LoraConfig
 from utils.model.lora import resolve_lora_targets
+from utils.planner.config import PlannerConfig
 
 GB = 2**30
 MAX_HEADS = 1 << 12

@@ -12,35 +12,39 @@ import os
 import pyarrow.compute as pc
 
 from utils.config import Config
-from utils.data.common import IGNORE_INDEX, SFTData
-from utils.data.loaders import collate
+from utils.data.common import SFTData
+from utils.data.split import parse_data_split
 from utils.distributed import print_rank_0, warn_rank_0
+from utils.engine.accumulation import StepPlan
+from utils.engine.ds_config import EngineSetup
 
 RULE = "=" * 72
 
 
 def print_run_summary(
-    cfg: Config, data: SFTData, params: tuple[int, int], ds_config: dict, world_size: int
+    cfg: Config, data: SFTData, params: tuple[int, int], setup: EngineSetup, plan: StepPlan
 ) -> None:
     """Print the summary block and the data warnings (rank 0 only)."""
-    print_rank_0(build_summary(cfg, data, params, ds_config, world_size))
+    print_rank_0(build_summary(cfg, data, params, setup, plan))
     for warning in data_warnings(cfg, data):
         warn_rank_0(warning)
 
 
 def build_summary(
-    cfg: Config, data: SFTData, params: tuple[int, int], ds_config: dict, world_size: int
+    cfg: Config, data: SFTData, params: tuple[int, int], setup: EngineSetup, plan: StepPlan
 ) -> str:
-    t = cfg.train
+    """The block's text. Every figure comes from what the run uses: the merged DeepSpeed
+    config (`setup`), the loader's step plan (packs, not rows, under --packing) and the
+    labels' rule (--loss_on)."""
+    t, ds_config = cfg.train, setup.config
     total, trainable = params
     lora = f", LoRA rank {cfg.lora.lora_dim} on '{cfg.lora.lora_module_name}'"
-    micro_batches = t.micro_batches_per_epoch(len(data.train), world_size)
-    total_steps = t.total_steps(len(data.train), world_size)
-    # DeepSpeed carries accumulation across epoch ends, so steps per epoch may be fractional.
-    per_epoch = micro_batches / t.gradient_accumulation_steps
-    uncapped = max(1, t.num_train_epochs * micro_batches // t.gradient_accumulation_steps)
-    capped = f", stopping at {total_steps:,} (--max_steps)" if total_steps < uncapped else ""
-    tokens, loss_share = count_tokens(data)
+    capped = (
+        f", stopping at {plan.total_steps:,} (--max_steps)"
+        if plan.total_steps < plan.uncapped_steps
+        else ""
+    )
+    tokens, loss_share = count_tokens(data, cfg.batch.loss_on)
     avg = tokens / max(len(data.train), 1)
     lines = [
         RULE,
@@ -56,12 +60,15 @@ def build_summary(
         f"loss on {100 * loss_share:.0f}% of them"
         f"{' (responses only)' if loss_share < 1 else ' (prompts and responses)'}; "
         f"rows cut at --max_seq_len {cfg.data.max_seq_len}: {_truncated(data):,}",
-        f"batch        {t.per_device_train_batch_size} per device x {_count(world_size, 'rank')} x "
-        f"{t.gradient_accumulation_steps} accumulation = "
-        f"{ds_config.get('train_batch_size')} sequences per optimizer step",
-        f"steps        {per_epoch:,.4g} per epoch x {_count(t.num_train_epochs, 'epoch')} = "
-        f"{_count(uncapped, 'optimizer step')}{capped}",
-        f"deepspeed    {_ds_essentials(ds_config, cfg)}",
+        f"batch        {ds_config['train_micro_batch_size_per_gpu']} "
+        f"{'packed rows' if cfg.batch.packing else 'sequences'} per device x "
+        f"{_count(setup.world_size, 'rank')} x {ds_config['gradient_accumulation_steps']} accumulation "
+        f"= {ds_config['train_batch_size']} per optimizer step",
+        f"steps        {_count(plan.micro_batches_per_epoch, 'micro-batch', 'es')} = "
+        f"{_count(plan.steps_per_epoch, 'step')} per epoch x "
+        f"{_count(t.num_train_epochs, 'epoch')} = "
+        f"{_count(plan.uncapped_steps, 'optimizer step')}{capped}",
+        f"deepspeed    {_ds_essentials(setup, cfg)}",
         f"output       {os.path.abspath(t.output_dir) if t.output_dir else '(none: dry run)'}",
         RULE,
     ]
@@ -71,7 +78,7 @@ def build_summary(
 def data_warnings(cfg: Config, data: SFTData) -> list[str]:
     """Warnings a user should act on, each once."""
     warnings = []
-    if (share := sft_share(cfg.data.data_split)) is not None and share < 0.5 and cfg.data.data_path:
+    if (share := sft_share(cfg.data.data_split)) < 0.5 and cfg.data.data_path:
         warnings.append(
             f"--data_split {cfg.data.data_split} gives SFT only {100 * share:.0f}% of the "
             "rows of --data_path (the rest is kept for reward-model and RLHF training); "
@@ -92,34 +99,26 @@ def data_warnings(cfg: Config, data: SFTData) -> list[str]:
     return warnings
 
 
-def count_tokens(data: SFTData) -> tuple[int, float]:
-    """Training tokens, and the share of them the loss is computed on.
-
-    The share follows the collator: if it masks prompt positions, only responses count.
-    """
+def count_tokens(data: SFTData, loss_on: str) -> tuple[int, float]:
+    """Training tokens, and the share of them the loss is computed on (the labels' rule)."""
     if len(data.train) == 0:
         return 0, 0.0
     table = data.train.data
     tokens = int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py())
-    probe = collate([{"input_ids": [1, 2, 3, 4], "prompt_len": 2}], pad_token_id=0)
-    if int(probe["labels"][0, 0]) != IGNORE_INDEX:
+    if loss_on == "all":
         return tokens, 1.0
     prompt = int(pc.sum(table.column("prompt_len")).as_py())
     return tokens, (tokens - prompt) / max(tokens, 1)
 
 
-def sft_share(data_split: str) -> float | None:
-    try:
-        weights = [float(w) for w in data_split.split(",")]
-    except ValueError:
-        return None
-    return weights[0] / sum(weights) if weights and sum(weights) > 0 else None
+def sft_share(data_split: str) -> float:
+    """The share of each --data_path source's rows that SFT uses (phase 1 of the split)."""
+    weights = parse_data_split(data_split)
+    return weights[0] / sum(weights)
 
 
 def _split_note(cfg: Config) -> str:
     share = sft_share(cfg.data.data_split)
-    if share is None:
-        return "?"
     note = f"SFT uses {100 * share:.0f}% of each --data_path source's rows"
     if cfg.data.sft_only_data_path:
         note += " (all rows of --sft_only_data_path)"
@@ -142,24 +141,23 @@ def _truncated(data: SFTData) -> int:
     return sum(s.truncated_rows for s in data.sources)
 
 
-def _ds_essentials(ds: dict, cfg: Config) -> str:
+def _ds_essentials(setup: EngineSetup, cfg: Config) -> str:
+    ds = setup.config
     zero = ds.get("zero_optimization", {})
-    dtype = "bf16" if ds.get("bf16", {}).get("enabled") else "fp32"
-    dtype = "fp16" if ds.get("fp16", {}).get("enabled") else dtype
     offload = [
         k.removeprefix("offload_") for k in ("offload_optimizer", "offload_param") if k in zero
     ]
     return (
-        f"ZeRO stage {zero.get('stage', 0)}, {dtype}, "
+        f"ZeRO stage {setup.zero_stage}, {setup.dtype} ({setup.dtype_reason}), "
         f"offload {'+'.join(offload) if offload else 'off'}, "
         f"gradient clipping {ds.get('gradient_clipping', 'off')}, "
         f"gradient checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}"
-        f"{', TensorBoard ' + cfg.engine.tensorboard_path if cfg.engine.enable_tensorboard else ''}"
+        f"{', TensorBoard ' + cfg.observe.tensorboard_path if cfg.observe.enable_tensorboard else ''}"
     )
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+def _count(n: int, noun: str, plural: str = "s") -> str:
+    return f"{n:,} {noun}{'' if n == 1 else plural}"
 
 
 def _human(n: int) -> str:

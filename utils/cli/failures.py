@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from utils.config import Config
 
@@ -65,28 +65,31 @@ def explain_oom(cfg: Config | None, cpu: bool = False) -> str:
 
 
 @contextlib.contextmanager
-def explain_failures(argv: list[str]) -> Iterator[None]:
-    """Let an uncaught error end the run with this rank's name on it (and OOM advice)."""
+def explain_failures(config: Callable[[], Config]) -> Iterator[None]:
+    """Let an uncaught error end the run with this rank's name on it (and OOM advice).
+
+    `config` gives the run's settings for the advice (called only on out-of-memory).
+    """
     import torch
 
     try:
         yield
     except (torch.OutOfMemoryError, MemoryError) as err:
-        _report_oom(err, argv)
+        _report_oom(err, config)
     except RuntimeError as err:
         if not any(m in str(err) for m in OOM_MESSAGES):
             _report(f"error: {type(err).__name__}: {err}")
             raise
-        _report_oom(err, argv)
+        _report_oom(err, config)
     except Exception as err:
         _report(f"error: {type(err).__name__}: {err}")
         raise
 
 
-def _report_oom(err: BaseException, argv: list[str]) -> None:
+def _report_oom(err: BaseException, config: Callable[[], Config]) -> None:
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     cpu = isinstance(err, MemoryError) or "CPU" in first_line
-    _report(f"error: {first_line}\n{explain_oom(_parse_quietly(argv), cpu)}")
+    _report(f"error: {first_line}\n{explain_oom(_quietly(config), cpu)}")
     sys.exit(OOM_EXIT_CODE)
 
 
@@ -96,11 +99,9 @@ def _report(message: str) -> None:
     print(f"[rank {rank} on {host}] {message}", file=sys.stderr, flush=True)
 
 
-def _parse_quietly(argv: list[str]) -> Config | None:
-    from utils.config import parse_args
-
+def _quietly(config: Callable[[], Config]) -> Config | None:
     try:
-        return parse_args(argv)
+        return config()
     except SystemExit:  # the run got this far, so this cannot happen; advice is optional
         return None
 

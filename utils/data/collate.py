@@ -1,0 +1,50 @@
+"""Rows to a padded batch: the model inputs, labels and the real length of every example.
+
+Rows are {"input_ids", "prompt_len"} (the data layer's contract). Batches are dicts of
+tensors: the model inputs (MODEL_INPUTS), `labels` (IGNORE_INDEX where no loss applies)
+and `seq_lens` (the real length of every example, for the throughput log).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from utils.arithmetic import round_up
+from utils.data.common import IGNORE_INDEX
+from utils.data.labels import build_labels
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+PAD_MULTIPLE = 8  # widths a multiple of 8 suit tensor cores and keep kernel shapes few
+
+
+def collate(
+    rows: list[dict], *, pad_token_id: int, loss_on: str, pad_to: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-pad rows into a batch.
+
+    Pads to `pad_to` when given (DeepSpeed-Chat's fixed length), else to the longest
+    row rounded up to PAD_MULTIPLE. Pad positions are masked out of attention and loss.
+    """
+    longest = max(len(r["input_ids"]) for r in rows)
+    width = pad_to or round_up(longest, PAD_MULTIPLE)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids = row["input_ids"][:width]
+        input_ids[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        attention_mask[i, : len(ids)] = 1
+        labels[i, : len(ids)] = torch.as_tensor(build_labels(row, loss_on)[:width])
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "seq_lens": seq_lens(rows),
+    }
+
+
+def seq_lens(rows: list[dict]) -> torch.Tensor:
+    """Real lengths of the batch's examples (filler rows are not examples)."""
+    return torch.tensor(
+        [len(r["input_ids"]) for r in rows if not r.get("filler")], dtype=torch.long
+    )

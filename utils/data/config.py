@@ -1,0 +1,72 @@
+"""The data layer's settings: where rows come from, how they are split, cut and batched.
+
+Each field is also the command-line flag of the same name (see utils/flags.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from utils.flags import flag
+
+LOSS_ON = ("all", "response")
+
+
+def default_cache_dir() -> str:
+    """Per-user cache (never a world-writable /tmp folder another user could plant files in)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "sft-deepspeed", "data")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    data_path: list[str] = flag(
+        default_factory=lambda: ["Dahoas/rm-static"],
+        help="Data sets: hub names (e.g. Dahoas/rm-static), 'local/jsonfile', or local "
+        "files/folders. Several are blended; NAME:WEIGHT (e.g. Dahoas/rm-static:0.5) "
+        "up- or down-samples one set's training rows.",
+    )
+    data_split: str = flag(
+        "2,4,4",
+        "Comma-separated weights splitting each data set between the three training phases; "
+        "SFT uses the first. '10,0,0' uses every row for SFT.",
+    )
+    sft_only_data_path: list[str] = flag(
+        default_factory=list, help="Data sets used only for SFT: not split, every row trains."
+    )
+    data_output_path: str = flag(
+        default_factory=default_cache_dir, help="Where the tokenised-data cache lives."
+    )
+    rebuild_data_cache: bool = flag(False, "Ignore any cached tokenised data and build it again.")
+    data_num_proc: int = flag(
+        0, "Processes that tokenise the data (0: several only for large data)."
+    )
+    seed: int = flag(
+        1234,
+        "Seed of the data split, the training order, the model's dropout and everything random.",
+    )
+    max_seq_len: int = flag(512, "Longest sequence in tokens; longer examples are truncated.")
+    eot_token: str = flag("<|endoftext|>", "End-of-conversation token appended to every example.")
+    add_eot_token: bool = flag(False, "Add --eot_token to the tokenizer as a special token.")
+
+
+@dataclass(kw_only=True)
+class BatchConfig:
+    """How rows become micro-batches and which of their tokens the loss covers."""
+
+    pad_to_max_len: bool = flag(
+        False,
+        "Pad every example to --max_seq_len like DeepSpeed-Chat (slow; for comparison). "
+        "Default: batches of similar lengths, padded to their longest example.",
+    )
+    packing: bool = flag(
+        False,
+        "Pack several examples into each row of up to --max_seq_len tokens; attention stays "
+        "inside each example. --per_device_train_batch_size then counts packed rows.",
+    )
+    loss_on: str = flag(
+        "all",
+        "'all': every non-pad token (DeepSpeed-Chat); 'response': mask the prompt tokens.",
+        choices=LOSS_ON,
+    )

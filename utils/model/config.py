@@ -1,0 +1,52 @@
+"""Settings of the model: which one, how it computes, and LoRA.
+
+Each field is also the command-line flag of the same name (see utils/flags.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from utils.flags import flag
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    model_name_or_path: str = flag(
+        help="A hub model name or a local folder with a saved model and tokenizer."
+    )
+    trust_remote_code: bool = flag(
+        False, "Allow model code from the model's repository (off by default: it runs code)."
+    )
+    dropout: float | None = flag(
+        None, "Override the model's dropout probabilities (default: the model's own)."
+    )
+    gradient_checkpointing: bool = flag(
+        False, "Recompute activations in the backward pass to save memory."
+    )
+    compute_fp32_loss: bool = flag(
+        False, "Compute the loss in fp32 even when training in fp16/bf16."
+    )
+
+
+DEFAULT_LORA_SCOPE = "decoder.layers."
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    lora_dim: int = flag(0, "LoRA rank; > 0 enables LoRA.")
+    lora_module_name: str = flag(
+        DEFAULT_LORA_SCOPE,
+        "LoRA wraps every linear layer whose qualified name contains this.",
+    )
+    only_optimize_lora: bool = flag(False, "Train only the LoRA weights; freeze the rest.")
+    lora_learning_rate: float = flag(5e-4, "Learning rate of the LoRA weights.")
+    save_lora_adapter: bool = flag(
+        False,
+        "Also write the PEFT adapter folder (output_dir/lora_adapter); the model itself is "
+        "always saved with LoRA merged into its weights.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.lora_dim > 0
