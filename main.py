@@ -59,9 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         dist = init_distributed(cfg.engine.local_rank)
         set_seed(cfg.data.seed)
-        tokenizer = load_tokenizer(
-            cfg.model, cfg.data.eot_token if cfg.data.add_eot_token else None
-        )
+        tokenizer = load_tokenizer(cfg.model, cfg.data.added_token)
         with rank_zero_first():  # rank 0 tokenises and caches; the others then read the cache
             data = build_sft_data(cfg.data, tokenizer)
         train_loader, eval_loader = build_loaders(cfg, data, tokenizer, dist, setup)
@@ -71,16 +69,18 @@ def main(argv: list[str] | None = None) -> int:
         model = apply_lora(build_model(cfg.model, tokenizer, setup.config), cfg.lora)
         print_run_summary(cfg, data, count_parameters(model), setup, plan)
         checkpointer = build_checkpointer(cfg.checkpoint, cfg.train.output_dir, model, setup, dist)
-    except UserError as err:
+        engine = build_engine(cfg, model, setup, plan)
+        checkpointer.resume(engine)
+        train(
+            build_loop(cfg, engine, train_loader, eval_loader, dist, plan, checkpointer), cfg.train
+        )
+        if checkpointer.preempted:
+            return PREEMPTED_EXIT
+        save_model(cfg, engine, tokenizer, eval_loader, dist)
+        return 0
+    except UserError as err:  # a mistake the user can fix: one message, no traceback
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
-    engine = build_engine(cfg, model, setup, plan)
-    checkpointer.resume(engine)
-    train(build_loop(cfg, engine, train_loader, eval_loader, dist, plan, checkpointer), cfg.train)
-    if checkpointer.preempted:
-        return PREEMPTED_EXIT
-    save_model(cfg, engine, tokenizer, eval_loader, dist)
-    return 0
 
 
 def build_loaders(cfg: Config, data: SFTData, tokenizer, dist: DistInfo, setup: EngineSetup):
@@ -104,12 +104,18 @@ def build_loaders(cfg: Config, data: SFTData, tokenizer, dist: DistInfo, setup: 
 
 def build_step_plan(cfg: Config, train_loader) -> StepPlan:
     """The run's optimizer steps, from the loader's micro-batches (packs under --packing)."""
-    return StepPlan(
+    plan = StepPlan(
         micro_batches_per_epoch=len(train_loader.sampler),
         accumulation=cfg.train.gradient_accumulation_steps,
         epochs=cfg.train.num_train_epochs,
         max_steps=cfg.train.max_steps,
     )
+    if plan.total_steps < 1:  # a run that trains nothing must never look like one that did
+        raise UserError(
+            f"this run would take no optimizer step: {len(train_loader.sampler.lengths)} "
+            "training rows. Check --data_path and --data_split (the first weight is SFT's share)."
+        )
+    return plan
 
 
 def build_engine(cfg: Config, model, setup: EngineSetup, plan: StepPlan):

@@ -13,7 +13,7 @@ from utils.config import Config
 from utils.data.build import check_data_config
 from utils.data.packing import packing_problems
 from utils.engine.checkpoint import checkpoint_problems
-from utils.engine.ds_config import EngineSetup, build_ds_config
+from utils.engine.ds_config import EngineSetup, build_ds_config, setup_problems
 from utils.engine.precision import resolve_dtype
 from utils.errors import ConfigError, UserError, format_problems
 from utils.model.config import ModelConfig
@@ -36,6 +36,7 @@ def validate(cfg: Config) -> EngineSetup:
         try:
             config = build_ds_config(cfg.engine, cfg.train, cfg.observe, world_size, dtype)
             setup = EngineSetup(config=config, world_size=world_size, dtype_reason=reason)
+            problems += setup_problems(setup, cfg.train, cfg.engine.deepspeed_config, on_cuda)
         except UserError as err:
             problems.append(str(err))
     if problems:

@@ -50,6 +50,11 @@ class DataConfig:
     eot_token: str = flag("<|endoftext|>", "End-of-conversation token appended to every example.")
     add_eot_token: bool = flag(False, "Add --eot_token to the tokenizer as a special token.")
 
+    @property
+    def added_token(self) -> str | None:
+        """The token the tokenizer must learn as a special one (--add_eot_token), if any."""
+        return self.eot_token if self.add_eot_token else None
+
 
 @dataclass(kw_only=True)
 class BatchConfig:

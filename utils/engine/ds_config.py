@@ -114,3 +114,55 @@ def _merge(base: dict, override: dict) -> dict:
         else:
             merged[key] = value
     return merged
+
+
+BATCH_KEYS = {
+    "train_micro_batch_size_per_gpu": "--per_device_train_batch_size",
+    "gradient_accumulation_steps": "--gradient_accumulation_steps",
+}
+
+
+def setup_problems(
+    setup: EngineSetup, train: TrainConfig, user_file: str | None, on_cuda: bool
+) -> list[str]:
+    """What in the merged config (flags, then --deepspeed_config over them) cannot train right.
+
+    The file goes through the same checks as the flags: a key it overrides must not
+    contradict a flag (the loader, the schedule and the summary read the flags' values), and
+    the stage, precision and offload it asks for must work here.
+    """
+    config, problems = setup.config, []
+    where = f" (from --deepspeed_config {user_file})" if user_file else ""
+    if setup.zero_stage not in (0, 1, 2, 3):
+        problems.append(f"ZeRO stage {setup.zero_stage}{where} does not exist; use 0, 1, 2 or 3.")
+    flags = {"train_micro_batch_size_per_gpu": train.per_device_train_batch_size}
+    flags["gradient_accumulation_steps"] = train.gradient_accumulation_steps
+    for key, flag in BATCH_KEYS.items():
+        if config.get(key) != flags[key]:
+            problems.append(
+                f"--deepspeed_config {user_file} sets {key} {config.get(key)}, but {flag} is "
+                f"{flags[key]}; remove the key from the file or pass {flag} {config.get(key)}."
+            )
+    expected = flags["train_micro_batch_size_per_gpu"] * setup.world_size
+    expected *= flags["gradient_accumulation_steps"]
+    if config.get("train_batch_size") != expected:
+        problems.append(
+            f"--deepspeed_config {user_file} sets train_batch_size {config.get('train_batch_size')}, "
+            f"but micro-batch x ranks x accumulation is {expected}; remove the key from the file "
+            "(it follows from the flags)."
+        )
+    if config.get("fp16", {}).get("enabled") and config.get("bf16", {}).get("enabled"):
+        problems.append(f"fp16 and bf16 are both enabled{where}; enable one.")
+    elif setup.dtype == "fp16" and not on_cuda:
+        problems.append(
+            f"fp16 is enabled{where}, but CPUs have no fp16 training path; use bf16 or fp32."
+        )
+    zero = config.get("zero_optimization", {})
+    if setup.offload and setup.zero_stage == 0:
+        problems.append(
+            f"--offload{where} needs ZeRO stage 1 or more: at stage 0 DeepSpeed would run its "
+            "CPU Adam on weights that stay on the GPU. Add --zero_stage 2 (or 3)."
+        )
+    if (zero.get("offload_param") or {}).get("device", "none") != "none" and setup.zero_stage != 3:
+        problems.append(f"offload_param{where} needs ZeRO stage 3; use --zero_stage 3.")
+    return problems
