@@ -249,7 +249,7 @@ def test_two_nodes_without_ssh_train_zero3_and_save_one_model(
     log0 = (output / "training.log").read_text()
     log1 = (output / "training.node1.log").read_text()
     assert log0.count("run summary") == 1 and "run summary" not in log1  # rank 0 only
-    assert "batch        4 per device x 2 ranks" in log0
+    assert "batch        4 sequences per device x 2 ranks" in log0
     assert "\r" not in log0 and "\x1b" not in log0  # no progress-bar control characters
     rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["type"] == "train"][-1] == 3

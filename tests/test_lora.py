@@ -198,11 +198,11 @@ def test_lora_weights_get_the_lora_learning_rate(tiny_tokenizer):
 
 def test_lora_and_planner_flags_are_validated_together(tiny_model_dir):
     from utils.cli.parse import parse_args
-    from utils.cli.validate import validate
+    from utils.cli.validate import flag_problems
 
     cfg = parse_args(["--model_name_or_path", str(tiny_model_dir), "--save_lora_adapter",
                       "--gpu_memory_gb", "0", "--num_nodes", "0", "--estimate_memory"])  # fmt: skip
-    problems = "\n".join(validate(cfg, on_cuda=False, bf16_supported=False))
+    problems = "\n".join(flag_problems(cfg, on_cuda=False, bf16_supported=False))
     assert "--save_lora_adapter needs LoRA" in problems
     assert "--gpu_memory_gb 0" in problems and "--num_nodes 0" in problems
     assert "--output_dir" not in problems  # the planner writes nothing

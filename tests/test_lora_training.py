@@ -64,7 +64,8 @@ def test_only_lora_with_checkpointing_trains_adapters_and_keeps_base_bit_identic
     one_rank_group, tiny_model_dir, tiny_tokenizer
 ):
     from main import build_engine
-    from utils.engine.ds_config import build_ds_config
+    from utils.engine.accumulation import StepPlan
+    from utils.engine.ds_config import EngineSetup, build_ds_config
     from utils.model.load import build_model
     from utils.model.lora import apply_lora
 
@@ -72,12 +73,13 @@ def test_only_lora_with_checkpointing_trains_adapters_and_keeps_base_bit_identic
                       "--only_optimize_lora", "--gradient_checkpointing", "--lora_learning_rate",
                       "2e-2", "--per_device_train_batch_size", "4", "--max_steps", "6",
                       "--lr_scheduler_type", "constant"])  # fmt: skip
-    ds_config = build_ds_config(cfg.engine, cfg.train, 1, "fp32")
-    model = apply_lora(build_model(cfg.model, tiny_tokenizer, ds_config), cfg.lora)
+    config = build_ds_config(cfg.engine, cfg.train, cfg.observe, 1, "fp32")
+    setup = EngineSetup(config=config, world_size=1, dtype_reason="--dtype fp32")
+    model = apply_lora(build_model(cfg.model, tiny_tokenizer, setup.config), cfg.lora)
     base_before = {
         n: p.detach().clone() for n, p in model.named_parameters() if not is_lora_parameter(n)
     }
-    engine, _ = build_engine(cfg, model, ds_config, 24, one_rank_group)
+    engine = build_engine(cfg, model, setup, StepPlan(24, 1, 1, max_steps=6))
     ids = torch.randint(4, len(tiny_tokenizer), (4, 16), generator=torch.Generator().manual_seed(0))
     losses = []
     for _ in range(6):

@@ -132,7 +132,13 @@ def test_markdown_cells_escape_table_syntax():
         "models": {"baseline": "a", "finetune": "b"},
         "decoding": {"decoding": "greedy"},
         "runtime": {"device": "cpu"},
-        "perplexity": {"data_path": ["d"], "rows": 3, "baseline": 9.0, "finetune": 2.5},
+        "perplexity": {
+            "data_path": ["d"],
+            "loss_on": "all",
+            "rows": 3,
+            "baseline": 9.0,
+            "finetune": 2.5,
+        },
         "rows": [{"prompt": "x | y", "baseline": ["line1\nline2"], "finetune": ["", "two"]}],
     }
     markdown = render_markdown(report)
