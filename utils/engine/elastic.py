@@ -58,6 +58,11 @@ def describe_shape(shape: RunShape) -> str:
     return f"{shape.world_size} {ranks} at ZeRO stage {shape.zero_stage}"
 
 
+def describe_change(saved: RunShape, current: RunShape) -> str:
+    """What changed, for the resume message: "2 ranks at ZeRO stage 2 -> 1 rank at ZeRO stage 3"."""
+    return f"{describe_shape(saved)} -> {describe_shape(current)}"
+
+
 def needs_conversion(saved: RunShape, current: RunShape) -> bool:
     """True when a checkpoint of shape `saved` loads into `current` only as a universal one.
 
@@ -190,9 +195,23 @@ def _make_loadable_at_every_stage(folder: str) -> None:
     present = [n for n in MODEL_STATES if os.path.isfile(os.path.join(folder, n))]
     if not present:
         raise UserError(f"{folder}: DeepSpeed's converter wrote no model-states file.")
+    source = os.path.join(folder, present[0])
+    if not flat:
+        # A ZeRO-1/2 model-states file also holds the whole model, which a universal load
+        # never reads (weights come from zero/) but every rank would torch.load.
+        states = torch.load(source, weights_only=False)
+        states["module"] = {}
+        torch.save(states, source)
     for name in MODEL_STATES:
         if name not in present:
-            os.link(os.path.join(folder, present[0]), os.path.join(folder, name))
+            _link_or_copy(source, os.path.join(folder, name))
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(source, target)
 
 
 def _param_shapes(folder: str) -> dict[str, torch.Size]:
