@@ -171,7 +171,7 @@ def _make_loadable_at_every_stage(folder: str) -> None:
     common = torch.load(common_path, weights_only=False)
     flat = "optimizer_state_dict" in common  # a ZeRO-3 source
     if flat:
-        step = common["optimizer_state_dict"]["state"][0]["step"]
+        step = _adam_step(folder, common["optimizer_state_dict"]["state"].get(0, {}).get("step"))
         shapes = _param_shapes(folder)
         for param_dir in glob.glob(os.path.join(zero, "*", "")):
             name = os.path.basename(os.path.dirname(param_dir))
@@ -182,7 +182,8 @@ def _make_loadable_at_every_stage(folder: str) -> None:
                     torch.save({"param": tensor.view(shapes[name]), "cat_dim": 0}, path)
             torch.save(step, os.path.join(param_dir, "step.pt"))
     else:
-        step = torch.load(glob.glob(os.path.join(zero, "*", "step.pt"))[0], weights_only=False)
+        steps = glob.glob(os.path.join(zero, "*", "step.pt"))
+        step = _adam_step(folder, torch.load(steps[0], weights_only=False) if steps else None)
     import deepspeed
 
     common.pop("fp32_flat_groups", None)
@@ -205,6 +206,15 @@ def _make_loadable_at_every_stage(folder: str) -> None:
     for name in MODEL_STATES:
         if name not in present:
             _link_or_copy(source, os.path.join(folder, name))
+
+
+def _adam_step(folder: str, step):
+    if step is None:  # an optimizer that keeps no per-parameter step (not DeepSpeed's Adams)
+        raise UserError(
+            f"{folder}: the checkpoint's optimizer state has no Adam step count, which a "
+            "universal checkpoint needs; resume with the ranks and ZeRO stage that wrote it."
+        )
+    return step
 
 
 def _link_or_copy(source: str, target: str) -> None:
