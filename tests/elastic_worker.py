@@ -20,7 +20,7 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 import main
-import utils.checkpoint
+import utils.engine.checkpoint as checkpoint
 from utils.engine.elastic import restore_param_groups
 
 
@@ -46,8 +46,8 @@ def loaded_report(engine, source: str) -> dict:
 
 
 def run(universal: str, source: str, report_path: str, flags: list[str]) -> int:
-    utils.checkpoint.check_resumable = lambda path, shape: None  # the shape changes on purpose
-    load = utils.checkpoint.load_checkpoint
+    checkpoint.check_resumable = lambda path, shape: None  # the shape changes on purpose
+    load = checkpoint.load_checkpoint
 
     def load_universal(engine, path):
         position = load(engine, path)
@@ -58,7 +58,7 @@ def run(universal: str, source: str, report_path: str, flags: list[str]) -> int:
                 json.dump(report, f)
         return position
 
-    utils.checkpoint.load_checkpoint = load_universal
+    checkpoint.load_checkpoint = load_universal
     return main.main([*flags, "--resume_from_checkpoint", universal])
 
 

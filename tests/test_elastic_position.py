@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from utils.data.sampler import FILLER, LengthGroupedSampler
 from utils.engine.elastic_position import (
     BatchGeometry,
     EpochOrder,
@@ -13,7 +14,6 @@ from utils.engine.elastic_position import (
     epoch_batches,
     resume_position,
 )
-from utils.sampler import FILLER, LengthGroupedSampler
 
 ORDER = EpochOrder(lengths=[(i * 7) % 23 + 1 for i in range(34)], seed=1234)
 ROWS = list(range(34))

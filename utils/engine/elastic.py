@@ -39,9 +39,9 @@ import shutil
 
 import torch
 
-from utils.checkpoint_checks import RunShape
+from utils.engine.checkpoint_checks import RunShape
 from utils.errors import UserError
-from utils.save import fsync_tree
+from utils.model.save import fsync_tree
 
 UNIVERSAL_DIR = "universal"  # inside checkpoint-<step>/, so pruning removes it with its source
 MARKER = "converted.json"  # written last: a converted folder without it is not ours

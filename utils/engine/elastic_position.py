@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from utils.sampler import FILLER, LengthGroupedSampler
+from utils.data.sampler import FILLER, LengthGroupedSampler
 
 
 @dataclass(frozen=True)
