@@ -121,7 +121,7 @@ def read_template(path: str) -> str:
 
 
 def find_end_of_turn(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase) -> str | None:
-    """The first added token the template writes after an assistant reply (None: none)."""
+    """The first added token (not whitespace) the template writes after a reply, or None."""
     rendered = render_probe(template, tokenizer)
     at = rendered.rfind(PROBE_ANSWER)
     if at < 0:
@@ -138,11 +138,10 @@ def find_end_of_turn(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase)
                 "pieces, so the model could not learn where to stop. Fix: add it to the "
                 "tokenizer as a special token, or use the template the model was trained with."
             )
-    added = tokenizer.added_tokens_decoder
-    for token_id in tokenizer(tail, add_special_tokens=False)["input_ids"]:
-        if token_id in added:
-            return added[token_id].content
-    return None
+    added = tokenizer.added_tokens_decoder  # whitespace tokens (Gemma's "\n\n") close nothing
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    tokens = [added[i].content for i in ids if i in added and not added[i].content.isspace()]
+    return tokens[0] if tokens else None
 
 
 def render_probe(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase) -> str:
