@@ -410,6 +410,9 @@ def test_demo_conversations_render_through_the_demo_template():
         assert not result.truncated
         assert len(result.spans) == sum(m["role"] == "assistant" for m in row["messages"])
     assert any(row["messages"][0]["role"] == "system" for row in train)
+    # Eval questions are held out: none is asked in training.
+    asked = {m["content"] for row in train for m in row["messages"] if m["role"] == "user"}
+    assert not asked & {m["content"] for row in evaluation for m in row["messages"]}
     for messages, answer in DEMO_CONVERSATIONS:
         prompt = tok.apply_chat_template(
             messages, chat_template=template.text, tokenize=False, add_generation_prompt=True

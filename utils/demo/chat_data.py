@@ -1,9 +1,9 @@
 """Multi-turn demo conversations in `messages` form, for the embedded demo's chat-template run.
 
 The same knowledge base as utils/embedded.py (capitals, sums, opposites, sounds, colours,
-counting), its question/answer pairs dealt into conversations of two or three exchanges,
-a third of them opened by a system turn. Deterministic for a seed, and about as many
-tokens as the single-turn demo data, so the tiny model learns it in the same minute or two.
+counting), its question/answer pairs dealt into conversations of one to three exchanges,
+a third of them opened by a system turn. Deterministic for a seed; the tiny demo model
+learns it as it learns the single-turn data (the template file sits next to this module).
 """
 
 from __future__ import annotations
@@ -55,15 +55,29 @@ DEMO_CONVERSATIONS: list[tuple[list[dict[str, str]], str]] = [
 
 
 def build_chat_rows(
-    seed: int = 0, eval_fraction: float = 0.1
+    seed: int = 0, eval_fraction: float = 0.1, passes: int = 2
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Train and eval rows {"messages": [...]}: every Q/A pair once, 2-3 exchanges each."""
+    """Train and eval rows {"messages": [...]} of one to three exchanges each.
+
+    Eval holds out a tenth of the Q/A pairs (as the single-turn demo holds out phrasings).
+    Every training pair appears `passes` times, each time among other exchanges: with one
+    context per pair a tiny model recalls answers from the conversation so far instead of
+    reading the question.
+    """
     rng = random.Random(seed)
     pairs = [(q, a) for _, q, a in qa_pairs()]
     rng.shuffle(pairs)
+    n_eval = max(1, int(len(pairs) * eval_fraction))
+    train = [row for _ in range(passes) for row in conversations(pairs[n_eval:], rng)]
+    return train, conversations(pairs[:n_eval], rng)
+
+
+def conversations(pairs: list[tuple[str, str]], rng: random.Random) -> list[dict[str, Any]]:
+    """The pairs, shuffled, dealt into conversations; a third open with a system turn."""
+    pairs = rng.sample(pairs, len(pairs))
     rows = []
     while pairs:
-        size = rng.choice((2, 3))
+        size = rng.choice((1, 2, 3))
         exchange, pairs = pairs[:size], pairs[size:]
         messages = []
         if rng.random() < 1 / 3:
@@ -74,8 +88,7 @@ def build_chat_rows(
                 {"role": "assistant", "content": answer},
             ]
         rows.append({"messages": messages})
-    n_eval = max(1, int(len(rows) * eval_fraction))
-    return rows[n_eval:], rows[:n_eval]
+    return rows
 
 
 def chat_corpus(rows: list[dict[str, Any]]) -> list[str]:
