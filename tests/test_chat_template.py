@@ -22,7 +22,7 @@ from utils.demo.chat_data import (
     build_chat_rows,
     chat_corpus,
 )
-from utils.tiny import build_tokenizer
+from utils.demo.tiny import build_tokenizer
 
 CHATML_PLAIN = """\
 {%- for message in messages %}

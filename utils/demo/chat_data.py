@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from utils.embedded import qa_pairs
+from utils.demo.embedded import qa_pairs
 
 TEMPLATE_PATH = Path(__file__).with_name("chatml.jinja")
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
