@@ -249,7 +249,9 @@ def main() -> None:
             f"optimizer {args.optimizer}; bf16: {why}"
         )
         # train() evaluates after every slice (not timed): a few rows keep that short.
-        eval_small = build_eval_loader(eval_.select(range(min(8, len(eval_)))), args.batch, PAD, 0, 1)
+        eval_small = build_eval_loader(
+            eval_.select(range(min(8, len(eval_)))), args.batch, PAD, 0, 1
+        )
         for r in range(args.rounds):
             # Rotate who goes first so a noisy neighbour does not always hit the same variant.
             for run in runs[r % len(runs) :] + runs[: r % len(runs)]:
