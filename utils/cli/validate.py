@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from utils.config import Config
 from utils.data.build import check_data_config
 from utils.data.packing import packing_problems
 from utils.engine.checkpoint import checkpoint_problems
 from utils.engine.ds_config import EngineSetup, build_ds_config, setup_problems
-from utils.engine.precision import resolve_dtype
+from utils.engine.precision import NATIVE_BF16_CAPABILITY, detect_dtype
 from utils.errors import ConfigError, UserError, format_problems
 from utils.model.config import ModelConfig
 from utils.model.load import load_model_config, max_positions
@@ -25,13 +27,13 @@ def validate(cfg: Config) -> EngineSetup:
     """Every problem with the flags, at once (ConfigError, exit 2); else the engine setup."""
     from deepspeed.accelerator import get_accelerator
 
-    accelerator = get_accelerator()
-    on_cuda = accelerator.device_name() == "cuda"
-    bf16 = accelerator.is_bf16_supported()
+    on_cuda = get_accelerator().device_name() == "cuda"
+    # Native bf16 only: torch.cuda.is_bf16_supported() also counts V100/T4's slow emulation.
+    bf16 = on_cuda and torch.cuda.get_device_capability() >= NATIVE_BF16_CAPABILITY
     problems = flag_problems(cfg, on_cuda, bf16)
     setup = None
     if not problems:  # the DeepSpeed config is built from the flags: only from valid ones
-        dtype, reason = resolve_dtype(cfg.engine.dtype, on_cuda, bf16)
+        dtype, reason = detect_dtype(cfg.engine.dtype)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         try:
             config = build_ds_config(cfg.engine, cfg.train, cfg.observe, world_size, dtype)
@@ -105,7 +107,9 @@ def _dtype_problems(dtype: str, on_cuda: bool, bf16_supported: bool) -> list[str
     if dtype == "fp16" and not on_cuda:
         return ["--dtype fp16 needs a GPU (CPUs have no fp16 training path); use bf16 or fp32."]
     if dtype == "bf16" and on_cuda and not bf16_supported:
-        return ["--dtype bf16 is not supported by this GPU; use fp16."]
+        return [
+            "--dtype bf16 is only emulated on this GPU (compute capability below 8.0); use fp16."
+        ]
     return []
 
 
