@@ -50,16 +50,24 @@ def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def chunked_loss_problem(model: torch.nn.Module) -> str | None:
-    """Why the chunked loss would not equal this model's plain loss, or None when it does."""
-    lm = causal_lm(model)
-    config = getattr(lm, "config", None)
+def chunked_loss_config_problem(config) -> str | None:
+    """What in a model's config makes the chunked loss differ from its plain loss, if anything
+    (checked before the model is built; `chunked_loss_problem` also checks the output layer)."""
     model_type = getattr(config, "model_type", None)
     if model_type not in CHUNKED_LOSS_MODEL_TYPES:
         return f"model type {model_type!r} is not known to compute logits as head(hidden states)"
     transforms = [k for k in LOGIT_TRANSFORMS if getattr(config, k, None) not in (None, 1, 1.0)]
     if transforms:
         return f"the model transforms its logits after the output layer ({', '.join(transforms)})"
+    return None
+
+
+def chunked_loss_problem(model: torch.nn.Module) -> str | None:
+    """Why the chunked loss would not equal this model's plain loss, or None when it does."""
+    lm = causal_lm(model)
+    problem = chunked_loss_config_problem(getattr(lm, "config", None))
+    if problem is not None:
+        return problem
     head = lm.get_output_embeddings()
     # Exactly nn.Linear: a wrapped head (a PEFT layer) has its own forward that must run.
     if type(head) is not torch.nn.Linear:

@@ -29,8 +29,6 @@ from utils.model.chunked_loss import (
     loss_positions,
 )
 
-CHUNKED_LOSS_SETTINGS = ("auto", "on", "off")
-
 
 @dataclass(frozen=True)
 class LossPath:

@@ -33,11 +33,14 @@ def verify_saved_model(
     batch = {k: v[:1] for k, v in batch.items()}  # one row: the fp32 CPU reload stays cheap
     inputs = {k: v.to(dist.device) for k, v in batch.items() if k != "labels"}
     engine.eval()
-    trained = engine(**inputs, use_cache=False).logits.float().cpu()
+    logits = engine(**inputs, use_cache=False).logits
     engine.train()
+    # The precision the logits were computed in: the weights' under DeepSpeed's fp16/bf16,
+    # the autocast dtype with fp32 weights under torch.autocast.
+    dtype, trained = logits.dtype, logits.float().cpu()
     problem = None
     if dist.is_main:
-        problem = _compare(output_dir, batch, trained, _dtype(engine.module), trust_remote_code)
+        problem = _compare(output_dir, batch, trained, dtype, trust_remote_code)
     if all_reduce_max(1 if problem else 0, dist.device):
         raise SavedModelMismatch(
             problem or f"the model saved in {output_dir} failed verification on rank 0"
@@ -65,10 +68,6 @@ def _compare(
         "folder is not a faithful copy (were ZeRO-3 weights gathered?); do not use it. The "
         "last checkpoint, if any, still holds the trained state."
     )
-
-
-def _dtype(model: torch.nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
 
 
 def _probe_batch() -> dict[str, torch.Tensor]:
