@@ -1,5 +1,5 @@
 """Peak memory and step time: full fine-tune vs LoRA vs LoRA + gradient checkpointing;
-with --chunked_loss, the plain loss vs the chunked loss (utils/chunked_loss.py).
+with --chunked_loss, the plain loss vs the chunked loss (utils/model/chunked_loss.py).
 
 Same OPT-shaped model (random weights, the real OPT vocabulary size), same batch,
 same AdamW steps. Each variant runs in its own subprocess so its peak is its own.
@@ -14,7 +14,7 @@ Last line: `lora/full=<ratio> lora_gc/full=<ratio>` (peak memory).
 
     python bench/memory.py --chunked_loss [--hidden_size 256 --num_layers 2]
 
-trains the full model with the plain loss (fp32 logits, as utils/train.py's token_nll) and
+trains the full model with the plain loss (fp32 logits, utils/model/loss.py's plain_nll) and
 with the chunked loss in both modes, at vocabularies of 50,272 (OPT) and 128,256 (Llama-3),
 micro-batch 8 x 512 tokens. Last line: `<vocab>: fused/plain peak=<r> speed=<r> ...`, speed
 being plain step time / chunked step time (above 1: the chunked loss is faster).
