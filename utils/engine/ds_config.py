@@ -61,7 +61,7 @@ AUTOCAST_DTYPES = {"bfloat16": "bf16", "torch.bfloat16": "bf16", "bf16": "bf16",
 CPU_BF16_AUTOCAST = (
     "via torch.autocast (fp32 weights, bf16 matrix products): at ZeRO stage 0 DeepSpeed's "
     "bf16 mode keeps bf16 weights beside an fp32 master copy and fp32 gradient copies, "
-    "more memory than fp32 itself (bench/cpu_bf16.py)"
+    "about 4x fp32's memory between steps (bench/cpu_bf16.py)"
 )
 
 
