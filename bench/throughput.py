@@ -46,11 +46,15 @@ from utils.engine.ds_config import build_ds_config
 from utils.engine.loop import evaluate, forward_nll
 
 VARIANTS = {
-    "A": ("pad to max length (DeepSpeed-Chat)", BatchConfig(pad_to_max_len=True), "fp32"),
-    "B": ("default: length-grouped, pad to longest", BatchConfig(), "fp32"),
-    "C": ("packing", BatchConfig(packing=True), "fp32"),
+    "A": (
+        "pad to max length (DeepSpeed-Chat)",
+        BatchConfig(pad_to_max_len=True, loss_on="all"),
+        "fp32",
+    ),
+    "B": ("default: length-grouped, pad to longest", BatchConfig(loss_on="all"), "fp32"),
+    "C": ("packing", BatchConfig(packing=True, loss_on="all"), "fp32"),
 }
-BF16 = ("default, bf16", BatchConfig(), "bf16")
+BF16 = ("default, bf16", BatchConfig(loss_on="all"), "bf16")
 PAD = 0  # after shrink_vocab
 
 

@@ -11,6 +11,8 @@ import os
 
 from utils.config import Config
 from utils.data.build import check_data_config
+from utils.data.chat import load_chat_template
+from utils.data.config import DSCHAT, DataConfig
 from utils.data.packing import packing_problems
 from utils.engine.checkpoint import checkpoint_problems
 from utils.engine.ds_config import EngineSetup, build_ds_config, setup_problems
@@ -81,7 +83,8 @@ def flag_problems(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]
         problems.append(f"--deepspeed_config {e.deepspeed_config!r} does not exist.")
     if not (t.dry_run or cfg.planner.estimate_memory):
         problems += _output_dir_problems(t.output_dir)
-    problems += _model_problems(cfg.model, cfg.data.max_seq_len, cfg.batch.packing)
+    model_problems = _model_problems(cfg.model, cfg.data.max_seq_len, cfg.batch.packing)
+    problems += model_problems or _chat_template_problems(cfg.model, cfg.data)
     problems += checkpoint_problems(cfg.checkpoint)
     if cfg.batch.packing and cfg.batch.pad_to_max_len:
         problems.append("--packing and --pad_to_max_len exclude each other; choose one.")
@@ -144,3 +147,24 @@ def _model_problems(model: ModelConfig, max_seq_len: int, packing: bool) -> list
             f"use --max_seq_len {limit} or less."
         ]
     return problems
+
+
+def _chat_template_problems(model: ModelConfig, data: DataConfig) -> list[str]:
+    """A --chat_template that cannot be used (none in the tokenizer, a file that does not
+    parse, an end-of-turn token the tokenizer splits), found before any data work."""
+    if data.chat_template == DSCHAT:
+        return []
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model.model_name_or_path, trust_remote_code=model.trust_remote_code
+        )
+        load_chat_template(data.chat_template, tokenizer)
+    except UserError as err:
+        return [str(err)]
+    except (OSError, ValueError) as err:
+        return [
+            f"--model_name_or_path {model.model_name_or_path!r}: cannot load its tokenizer ({err})"
+        ]
+    return []

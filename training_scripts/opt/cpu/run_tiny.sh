@@ -3,21 +3,44 @@
 # (once), fine-tune it on CPU, then compare the untrained and fine-tuned models side by side.
 #
 #   bash training_scripts/opt/cpu/run_tiny.sh [OUTPUT] [ZERO_STAGE] [extra main.py flags...]
+#
+# With --chat_template (e.g. the demo's ChatML template, utils/demo/chatml.jinja) it trains
+# on multi-turn conversations instead and compares answers to multi-turn prompts:
+#
+#   bash training_scripts/opt/cpu/run_tiny.sh ./output_chat --chat_template utils/demo/chatml.jinja
+#
+# A flag where OUTPUT or ZERO_STAGE would be means they were left out (defaults used).
 set -euo pipefail
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
-OUTPUT=${1:-./output_tiny}
-ZERO_STAGE=${2:-0}
-shift $(($# < 2 ? $# : 2))
+OUTPUT=./output_tiny
+ZERO_STAGE=0
+if [[ $# -gt 0 && $1 != -* ]]; then
+    OUTPUT=$1
+    shift
+    if [[ $# -gt 0 && $1 != -* ]]; then
+        ZERO_STAGE=$1
+        shift
+    fi
+fi
 EMBEDDED=${EMBEDDED:-$REPO_ROOT/embedded}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+
+DATA=$EMBEDDED/data
+PROMPTS=$EMBEDDED/prompts.txt
+for arg in "$@"; do
+    if [[ $arg == --chat_template || $arg == --chat_template=* ]]; then
+        DATA=$EMBEDDED/data_chat
+        PROMPTS=$EMBEDDED/chat_prompts.jsonl
+    fi
+done
 
 mkdir -p "$OUTPUT"
 (cd "$REPO_ROOT" && python -m utils.demo.embedded --out "$EMBEDDED")
 
 python "$REPO_ROOT/main.py" \
     --model_name_or_path "$EMBEDDED/tiny-opt" \
-    --data_path "$EMBEDDED/data" \
+    --data_path "$DATA" \
     --data_split 10,0,0 \
     --max_seq_len 128 \
     --per_device_train_batch_size 8 \
@@ -29,10 +52,12 @@ python "$REPO_ROOT/main.py" \
     --output_dir "$OUTPUT" \
     "$@" 2>&1 | tee "$OUTPUT/training.log"
 
+# The fine-tuned folder carries its chat template (if trained with one): prompt_eval
+# prompts both models through it by default.
 python "$REPO_ROOT/prompt_eval.py" \
     --model_name_or_path_baseline "$EMBEDDED/tiny-opt" \
     --model_name_or_path_finetune "$OUTPUT" \
-    --prompts "$EMBEDDED/prompts.txt" \
+    --prompts "$PROMPTS" \
     --max_new_tokens 32 2>&1 | tee "$OUTPUT/prompt_eval.log"
 
 echo "Fine-tuned model: $OUTPUT   training log: $OUTPUT/training.log"
