@@ -49,7 +49,7 @@ def test_a_waiting_rank_stops_when_rank_0s_store_is_gone():
     server = TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False)
     client = TCPStore("127.0.0.1", server.port, 1, False, timeout=timedelta(seconds=10))
     del server  # rank 0's process, which hosts the store, is gone
-    with pytest.raises(RankZeroFailed, match="rank 0 stopped while rank .* waited for it"):
+    with pytest.raises(RankZeroFailed, match=r"rank 0 stopped while rank .* waited for it"):
         wait_for_rank_0(client, "k", "save the model")
 
 
@@ -102,7 +102,7 @@ def test_when_rank_0_fails_preparing_data_the_other_rank_stops_and_points_at_it(
         procs.append(subprocess.Popen(cmd, env=env, text=True, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE))  # fmt: skip
     results = [p.communicate(timeout=300) for p in procs]
-    (out0, err0), (out1, err1) = results
+    (_, err0), (out1, err1) = results
     assert [p.returncode for p in procs] == [2, 2], err0[-2000:] + err1[-2000:]
     assert "error: all 3 rows of data.jsonl were skipped" in err0
     assert "error: rank 0 failed to build the data cache, so rank 1 stops too" in err1

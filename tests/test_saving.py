@@ -28,6 +28,8 @@ import main as cli
 import utils.model.save as save_module
 import utils.model.verify as verify_module
 from utils.distributed import DistInfo
+from utils.engine.checkpoint import Checkpointer
+from utils.engine.config import CheckpointConfig
 from utils.errors import UserError
 from utils.model.publish import JOURNAL, publish_folder
 from utils.model.save import DiskFullError, save_hf_model, write_model_folder
@@ -170,6 +172,15 @@ def test_a_full_disk_at_the_final_save_says_how_much_room_and_keeps_the_old_mode
     assert not list(out.glob(".saving-*")) and not (out / JOURNAL).exists()
     for name, tensor in saved_weights(out).items():  # the previous model is untouched
         torch.testing.assert_close(tensor, before[name], rtol=0, atol=0)
+
+    # Where the trained weights survive, for the message's advice.
+    checkpointer = Checkpointer(cfg=CheckpointConfig(), output_dir="out", shape=None, dist=CPU)
+    assert "the newest checkpoint" not in checkpointer.advice_after_failed_save(9).lower()
+    assert "--save_steps N keeps" in checkpointer.advice_after_failed_save(9)
+    checkpointer.saved_step = 9
+    assert "safe in out/checkpoint-9" in checkpointer.advice_after_failed_save(9)
+    checkpointer.saved_step = 6
+    assert "newest checkpoint is checkpoint-6 (3 steps" in checkpointer.advice_after_failed_save(9)
 
     # Checked before training too, from the model's size.
     monkeypatch.setattr(save_module, "_free_bytes", lambda path: 10**6)

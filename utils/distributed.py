@@ -126,7 +126,8 @@ def rank_zero_first(what: str = "finish its part of the set-up") -> Iterator[Non
     it, then run it (reading them; a block guarded by `if is_main_process()` does nothing).
 
     `what` completes "rank 0 failed to ..." in the waiting ranks' error. If rank 0's block
-    raises, every waiting rank raises RankZeroFailed with rank 0's error at once.
+    raises, every waiting rank raises RankZeroFailed with rank 0's error at once. Every
+    rank must pass the same rank_zero_first blocks in the same order (like a collective).
     """
     store = _store()
     if store is None:
