@@ -108,3 +108,15 @@ def test_when_rank_0_fails_preparing_data_the_other_rank_stops_and_points_at_it(
     assert "error: rank 0 failed to build the data cache, so rank 1 stops too" in err1
     assert "all 3 rows of data.jsonl were skipped" in err1 and "Traceback" not in err1
     assert "TIMEOUT 0:01:00" in out1
+
+
+@pytest.mark.parametrize("value", ["0", "nan", "inf"])
+def test_a_timeout_that_cannot_work_is_refused(tiny_model_dir, value):
+    from utils.cli.parse import parse_args
+    from utils.cli.validate import flag_problems
+
+    cfg = parse_args(["--model_name_or_path", str(tiny_model_dir), "--output_dir", "out",
+                      f"--dist_timeout_minutes={value}"])  # fmt: skip
+    problems = flag_problems(cfg, on_cuda=False, bf16_supported=False)
+    expected = f"--dist_timeout_minutes {float(value)} must be a positive number"
+    assert any(expected in problem for problem in problems), problems
