@@ -6,8 +6,8 @@ gets a one-rank group on a free local port.
 
 No rank waits forever. Collectives give up after --dist_timeout_minutes (a rank that
 died or hung takes the others down with it). Work rank 0 does alone while the others
-wait (building the data cache, writing and verifying the model, publishing a
-checkpoint) can legitimately take longer than that, so those waits are not collectives:
+wait (building the data cache, writing and verifying the model) can legitimately take
+longer than that, so those waits are not collectives:
 the waiting ranks poll the process group's key-value store (`rank_zero_first`). They
 stop at once when rank 0 reports a failure (its error is relayed) or when its process
 is gone (the store it hosts goes with it), and otherwise after LONG_WAIT.
