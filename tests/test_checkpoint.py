@@ -261,6 +261,9 @@ class Engine(torch.nn.Module):
     def forward(self, **inputs):
         return self.module(**inputs)
 
+    def zero_optimization_stage(self) -> int:
+        return 0
+
 
 def test_a_saved_folder_that_does_not_reproduce_the_model_is_an_error(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM

@@ -67,6 +67,7 @@ OURS = {
     "--gpu_memory_gb",
     "--num_gpus_per_node",
     "--num_nodes",
+    "--dist_timeout_minutes",
 }
 
 

@@ -7,6 +7,7 @@ every later step reads the effective ZeRO stage and precision from.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -66,6 +67,11 @@ def flag_problems(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]
         problems.append(f"--learning_rate {t.learning_rate} must be positive.")
     if t.num_warmup_steps < 0:
         problems.append(f"--num_warmup_steps {t.num_warmup_steps} must be 0 or more.")
+    if not 0 < e.dist_timeout_minutes < math.inf:  # also refuses nan
+        problems.append(
+            f"--dist_timeout_minutes {e.dist_timeout_minutes} must be a positive number of "
+            "minutes, e.g. 10."
+        )
     if t.weight_decay < 0:
         problems.append(f"--weight_decay {t.weight_decay} must be 0 or more.")
     if cfg.model.dropout is not None and not 0 <= cfg.model.dropout < 1:

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import shutil
 
 import pyarrow.compute as pc
 from datasets import Dataset, concatenate_datasets
-from filelock import FileLock
 from transformers import PreTrainedTokenizerBase
 
-from utils.data.cache import cache_key, load_cached, predates_process, save_cached
+from utils.data.cache import (
+    cache_key,
+    entry_lock,
+    load_cached,
+    predates_process,
+    save_cached,
+    sweep_dead_builds,
+    work_folder,
+)
 from utils.data.common import FORMAT_VERSION, DataError, SFTData, SourceStats
 from utils.data.config import DataConfig
 from utils.data.formats import format_rows
@@ -47,12 +54,17 @@ def build_sft_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> SFTDa
     if cached := load_reusable(folder, cfg.rebuild_data_cache):
         return cached
     os.makedirs(root, exist_ok=True)
-    with FileLock(folder + ".lock"):
+    with entry_lock(folder):
         # Another process may have finished the same entry while this one waited.
         if cached := load_reusable(folder, cfg.rebuild_data_cache):
             return cached
-        with tempfile.TemporaryDirectory(prefix=".build-", dir=root) as work:
+        sweep_dead_builds(folder)
+        work = work_folder(folder)
+        os.makedirs(work)
+        try:
             save_cached(build_uncached(sources, split, cfg, tokenizer, work), folder, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return load_cached(folder)
 
 

@@ -231,6 +231,24 @@ class Checkpointer:
             )
         return bool(self.preempted)
 
+    def advice_after_failed_save(self, step: int) -> str:
+        """Where the trained state survives when the final save of step `step` fails."""
+        if self.saved_step == step:
+            return (
+                f"The trained weights are safe in {self.output_dir}/{PREFIX}{step}: once there "
+                "is room, rerun the same command with --resume_from_checkpoint auto; it trains "
+                "nothing more and saves them."
+            )
+        if self.saved_step >= 0:
+            return (
+                f"The newest checkpoint is {PREFIX}{self.saved_step} ({step - self.saved_step} "
+                "steps before the end): --resume_from_checkpoint auto continues from it."
+            )
+        return (
+            "No checkpoint holds the trained weights (--save_steps 0), so the run must be "
+            "repeated; --save_steps N keeps a resumable copy."
+        )
+
 
 def build_checkpointer(
     cfg: CheckpointConfig, output_dir: str, model, setup: EngineSetup, dist: DistInfo

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, set_seed
 
 from utils.errors import UserError
+from utils.model.publish import interrupted_save_problem
 
 DECODINGS = ("greedy", "beam", "sample", "contrastive", "diverse_beam")
 # transformers 5 moved these two searches into Hub repositories whose code it downloads
@@ -75,6 +76,8 @@ def check_model_path(flag: str, path: str) -> str | None:
     """
     local = Path(path).expanduser()
     if local.is_dir():
+        if problem := interrupted_save_problem(str(local)):
+            return f"{flag} {path}: {problem}"
         if not (local / "config.json").is_file():
             return f"{flag} {path}: the folder has no config.json; point it at a saved model folder"
         return None
