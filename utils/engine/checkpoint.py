@@ -35,7 +35,7 @@ from utils.engine.ds_config import EngineSetup
 from utils.engine.preemption import install_preemption_handlers, stop_requested
 from utils.engine.resume_state import gather_rng_states, replay_cpu_adam_steps, set_rng_state
 from utils.errors import UserError
-from utils.model.save import fsync_tree
+from utils.files import fsync_tree
 
 PREFIX = "checkpoint-"
 TEMP_PREFIX = ".tmp-"
