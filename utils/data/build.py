@@ -10,7 +10,7 @@ from datasets import Dataset, concatenate_datasets
 from filelock import FileLock
 from transformers import PreTrainedTokenizerBase
 
-from utils.data.cache import cache_key, load_cached, predates_process, save_cached
+from utils.data.cache import ENTRY_PREFIX, cache_key, load_cached, predates_process, save_cached
 from utils.data.common import FORMAT_VERSION, DataError, SFTData, SourceStats
 from utils.data.config import DataConfig
 from utils.data.formats import format_rows
@@ -43,7 +43,7 @@ def build_sft_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> SFTDa
         }
     )
     root = cfg.data_output_path
-    folder = os.path.join(root, f"sft-{key}")
+    folder = os.path.join(root, ENTRY_PREFIX + key)
     if cached := load_reusable(folder, cfg.rebuild_data_cache):
         return cached
     os.makedirs(root, exist_ok=True)

@@ -19,6 +19,7 @@ from datasets import load_from_disk
 from utils.data.common import SFTData, SourceStats
 
 SUMMARY = "sources.json"  # written last: its presence marks a complete entry
+ENTRY_PREFIX = "sft-"  # an entry's folder is ENTRY_PREFIX + its cache key
 PROCESS_START = psutil.Process().create_time()
 
 
@@ -45,6 +46,7 @@ def load_cached(folder: str) -> SFTData | None:
         train=load_from_disk(os.path.join(folder, "train")),
         eval=load_from_disk(os.path.join(folder, "eval")),
         sources=sources,
+        cache_key=os.path.basename(folder).removeprefix(ENTRY_PREFIX),
     )
 
 
