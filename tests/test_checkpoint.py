@@ -218,7 +218,8 @@ def vet(data_dir: Path, out: Path, *flags: str, data_key: str) -> Checkpointer:
             [
                 "global batch (--per_device_train_batch_size x ranks x "
                 "--gradient_accumulation_steps) 2 x 1 x 2 = 4 in the checkpoint, 4 x 1 x 2 = 8 "
-                "now: keep it with --per_device_train_batch_size 2 --gradient_accumulation_steps 2"
+                "now: keep it with --per_device_train_batch_size 2 --gradient_accumulation_steps 2 "
+                "on 1 rank"
             ],
         ),
         (["--seed", "42"], ["--seed 1234 in the checkpoint, 42 now: pass --seed 1234"]),
