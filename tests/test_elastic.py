@@ -89,6 +89,10 @@ def assert_continues(out: Path, source: dict, after: int, rel: float, atol: floa
         assert lr == pytest.approx(expected[step][1], rel=1e-6), step  # the same schedule
     final, reference = weights(out), weights(source["out"])
     for name, tensor in final.items():
+        if name.endswith("k_proj.bias"):
+            # Its true gradient is zero (softmax ignores a shift shared by all keys), so Adam
+            # turns the rounding noise of another reduction order into updates of ~1e-6.
+            continue
         torch.testing.assert_close(tensor, reference[name], rtol=0, atol=atol, msg=name)
 
 
@@ -122,8 +126,8 @@ def test_a_converted_checkpoint_continues_with_fewer_rows_per_micro_step(
     assert "2 x 2 x 2 = 8 -> 2 x 1 x 4 = 8 (the same global batch" in log
     assert Path(universal, MARKER).stat().st_mtime_ns == converted_at
     # The remaining 16 rows in micro-batches of 2 instead of 4: each step the same 8 rows
-    # (the padding differs, hence float rounding), so the losses carry on.
-    assert_continues(out, source, after=6, rel=1e-4, atol=1e-5)
+    # (padded differently: float rounding), so the losses carry on.
+    assert_continues(out, source, after=6, rel=1e-5, atol=1e-6)
 
     Path(universal, MARKER).unlink()  # a folder this module did not finish is never trusted
     with pytest.raises(UserError, match=r"not a complete conversion.*delete it"):
