@@ -39,6 +39,7 @@ from utils.engine.loop import TrainLoop, train
 from utils.engine.optim import build_optimizer, build_param_groups, build_scheduler
 from utils.engine.precision import TORCH_DTYPES
 from utils.engine.preemption import PREEMPTED_EXIT
+from utils.engine.run_settings import run_settings
 from utils.errors import UserError
 from utils.model.load import build_model, count_parameters, load_tokenizer
 from utils.model.lora import apply_lora
@@ -68,11 +69,14 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.train.dry_run:
             return dry_run(cfg, tokenizer, data, setup, plan)
         prepare_output_dir(cfg.train.output_dir, dist)
+        # Before the model loads: a checkpoint this run cannot continue is refused cheaply.
+        checkpointer = build_checkpointer(
+            cfg.checkpoint, cfg.train.output_dir, recorded_settings(cfg, data, dist), dist
+        )
         model = apply_lora(build_model(cfg.model, tokenizer, setup.config), cfg.lora)
         check_disk_space(model, cfg.train.output_dir, "Nothing has been trained yet.")
         print_run_summary(cfg, data, count_parameters(model), setup, plan)
-        checkpointer = build_checkpointer(cfg.checkpoint, cfg.train.output_dir, model, setup, dist)
-        engine = build_engine(cfg, model, setup, plan)
+        engine = build_engine(cfg, model, checkpointer.engine_setup(model, setup), plan)
         checkpointer.resume(engine)
         train(
             build_loop(cfg, engine, train_loader, eval_loader, dist, plan, checkpointer), cfg.train
@@ -119,6 +123,13 @@ def build_step_plan(cfg: Config, train_loader) -> StepPlan:
             "training rows. Check --data_path and --data_split (the first weight is SFT's share)."
         )
     return plan
+
+
+def recorded_settings(cfg: Config, data: SFTData, dist: DistInfo) -> dict:
+    """What decides this run's data, order and schedule (checkpoints record it)."""
+    return run_settings(
+        cfg.data, cfg.batch, cfg.train, cfg.lora, data.cache_key, world_size=dist.world_size
+    )
 
 
 def build_engine(cfg: Config, model, setup: EngineSetup, plan: StepPlan):

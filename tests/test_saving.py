@@ -174,7 +174,7 @@ def test_a_full_disk_at_the_final_save_says_how_much_room_and_keeps_the_old_mode
         torch.testing.assert_close(tensor, before[name], rtol=0, atol=0)
 
     # Where the trained weights survive, for the message's advice.
-    checkpointer = Checkpointer(cfg=CheckpointConfig(), output_dir="out", shape=None, dist=CPU)
+    checkpointer = Checkpointer(cfg=CheckpointConfig(), output_dir="out", settings={}, dist=CPU)
     assert "the newest checkpoint" not in checkpointer.advice_after_failed_save(9).lower()
     assert "--save_steps N keeps" in checkpointer.advice_after_failed_save(9)
     checkpointer.saved_step = 9

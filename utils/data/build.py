@@ -10,6 +10,7 @@ from datasets import Dataset, concatenate_datasets
 from transformers import PreTrainedTokenizerBase
 
 from utils.data.cache import (
+    ENTRY_PREFIX,
     cache_key,
     entry_lock,
     load_cached,
@@ -50,7 +51,7 @@ def build_sft_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> SFTDa
         }
     )
     root = cfg.data_output_path
-    folder = os.path.join(root, f"sft-{key}")
+    folder = os.path.join(root, ENTRY_PREFIX + key)
     if cached := load_reusable(folder, cfg.rebuild_data_cache):
         return cached
     os.makedirs(root, exist_ok=True)

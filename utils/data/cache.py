@@ -27,6 +27,7 @@ from utils.files import fsync_dir, fsync_tree
 
 SUMMARY = "sources.json"  # written last: its presence marks a complete entry
 WORK_PREFIX = ".build-"
+ENTRY_PREFIX = "sft-"  # an entry's folder is ENTRY_PREFIX + its cache key
 PROCESS_START = psutil.Process().create_time()
 
 
@@ -53,6 +54,7 @@ def load_cached(folder: str) -> SFTData | None:
         train=load_from_disk(os.path.join(folder, "train")),
         eval=load_from_disk(os.path.join(folder, "eval")),
         sources=sources,
+        cache_key=os.path.basename(folder).removeprefix(ENTRY_PREFIX),
     )
 
 
@@ -86,7 +88,7 @@ def sweep_dead_builds(folder: str) -> None:
     leftovers are then dead; another entry's are dead when nobody holds that entry's lock."""
     root, own = os.path.split(folder)
     for name in os.listdir(root):
-        if not name.startswith(WORK_PREFIX + "sft-"):
+        if not name.startswith(WORK_PREFIX + ENTRY_PREFIX):
             continue
         entry = name.removeprefix(WORK_PREFIX).rsplit("-", 1)[0]
         path = os.path.join(root, name)

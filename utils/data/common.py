@@ -38,6 +38,7 @@ class SFTData:
     train: Dataset
     eval: Dataset
     sources: list[SourceStats] = field(default_factory=list)
+    cache_key: str = ""  # of the cache entry: sources' contents, split, seed, tokenizer, length
 
     @property
     def train_tokens(self) -> int:
