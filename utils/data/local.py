@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -83,6 +84,8 @@ def load_files(files: list[str], cache_dir: str) -> Dataset:
             f"{empty[0]} is empty: every data file needs rows. Fill it or remove it "
             "(a folder without an eval file takes its eval rows from a 9:1 split of train)."
         )
+    if builder in ("json", "csv") and (problem := _find_bad_utf8(files)):
+        raise DataError(problem)
     try:
         return load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
     except (DatasetGenerationError, pyarrow.ArrowException, ValueError) as err:
@@ -94,6 +97,35 @@ def load_files(files: list[str], cache_dir: str) -> Dataset:
 def _is_blank(path: str) -> bool:
     with open(path, "rb") as f:
         return not f.read(4096).strip() and os.path.getsize(path) <= 4096
+
+
+def _find_bad_utf8(files: list[str]) -> str | None:
+    """File and line of the first bytes that are not UTF-8. Checked before reading: the
+    JSON reader lets such bytes into the rows, where they fail later without a name."""
+    for path in files:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        lines = 1
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as err:
+                    data = err.object  # this chunk, after any bytes held back from the last
+                    line = lines + data.count(b"\n", 0, err.start)
+                    column = err.start - data.rfind(b"\n", 0, err.start)
+                    return (
+                        f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x} at "
+                        f"column {column}); save the file as UTF-8, e.g. with "
+                        f"`iconv -f latin1 -t utf-8` if it is Latin-1"
+                    )
+                lines += chunk.count(b"\n")
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                return (
+                    f"{path}: ends inside a UTF-8 character (the file is cut short); copy it again"
+                )
+    return None
 
 
 def _find_bad_json(files: list[str]) -> str | None:
