@@ -71,6 +71,18 @@ def find_split_files(folder: str) -> dict[str, list[str]]:
     return found
 
 
+def part_files(path: str, part: str) -> list[str]:
+    """The files a local source's "train" or "eval" rows come from (for messages); a
+    source without an eval file takes its eval rows from the train files."""
+    if os.path.isfile(path):
+        return [path]
+    if is_saved_dataset(path) or not os.path.isdir(path):
+        return []
+    found = find_split_files(path)
+    name = next((n for n in EVAL_SPLITS if n in found), "train") if part == "eval" else "train"
+    return found.get(name, [])
+
+
 def load_files(files: list[str], cache_dir: str) -> Dataset:
     builders = {BUILDERS.get(os.path.splitext(f)[1].lower()) for f in files}
     if len(builders) != 1 or None in builders:
