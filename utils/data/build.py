@@ -75,6 +75,8 @@ def check_data_config(cfg: DataConfig) -> list[str]:
             problems.append(str(err))
     if cfg.max_seq_len < 1:
         problems.append(f"--max_seq_len {cfg.max_seq_len}: must be at least 1, e.g. 512")
+    if not 0 <= cfg.seed < 2**32:  # numpy's RandomState (split, blend) takes no other seed
+        problems.append(f"--seed {cfg.seed}: must be between 0 and {2**32 - 1}, e.g. 1234")
     if cfg.data_num_proc < 0:
         problems.append(f"--data_num_proc {cfg.data_num_proc}: must be 0 (automatic) or more")
     return problems
