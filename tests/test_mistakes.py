@@ -291,6 +291,22 @@ def test_a_prompts_line_that_is_not_utf8_is_named(capsys, tmp_path, models):
     assert f"--prompts {prompts}: line 2 is not UTF-8 text" in one_line(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize(
+    ("baseline", "expected"),
+    [
+        ("truncated", "model.safetensors is not a readable safetensors file"),
+        ("no_tokenizer", "no_tokenizer has no usable tokenizer"),
+    ],
+)
+def test_prompt_eval_names_a_broken_model_folder(capsys, models, baseline, expected):
+    # Before: a safetensors traceback, or answers from a tokenizer with no vocabulary.
+    code = prompt_eval(
+        ["--model_name_or_path_baseline", models[baseline],
+         "--model_name_or_path_finetune", models["good"], "--max_new_tokens", "2"]
+    )  # fmt: skip
+    assert code == 2 and expected in one_line(capsys.readouterr().err)
+
+
 def test_data_whose_responses_are_all_cut_away_is_refused(capsys, tmp_path, models):
     # Before: --loss_on response trained on zero tokens and reported perplexity 1.0.
     long_prompt = {"prompt": " Human:" + " What is 2 plus 3?" * 10 + " Assistant:", "chosen": " 5."}

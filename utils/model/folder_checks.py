@@ -31,7 +31,7 @@ PROBE_TEXT = " Human: What is the capital of France? Assistant: Paris."
 MIN_VOCAB_SHARE = 0.9
 
 
-def weight_problems(path: str) -> list[str]:
+def weight_problems(path: str, flag: str = "--model_name_or_path") -> list[str]:
     """Problems with a local model folder's weight files (a hub name is checked on download).
 
     Reads only file headers: a safetensors header parses only when the file holds every
@@ -42,7 +42,7 @@ def weight_problems(path: str) -> list[str]:
     present = [name for name in WEIGHT_FILES if os.path.isfile(os.path.join(path, name))]
     if not present:
         return [
-            f"--model_name_or_path {path!r} holds no weights (none of {', '.join(WEIGHT_FILES)}); "
+            f"{flag} {path!r} holds no weights (none of {', '.join(WEIGHT_FILES)}); "
             "copy the model's weight files into it, or point at the folder save_pretrained wrote."
         ]
     index = next((name for name in present if name.endswith(".index.json")), None)
