@@ -116,21 +116,15 @@ def _find_bad_utf8(files: list[str]) -> str | None:
     JSON reader lets such bytes into the rows, where they fail later without a name."""
     for path in files:
         decoder = codecs.getincrementaldecoder("utf-8")()
-        lines = 1
+        offset = 0  # of the chunk being decoded, in the file
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
                 try:
                     decoder.decode(chunk)
                 except UnicodeDecodeError as err:
-                    data = err.object  # this chunk, after any bytes held back from the last
-                    line = lines + data.count(b"\n", 0, err.start)
-                    column = err.start - data.rfind(b"\n", 0, err.start)
-                    return (
-                        f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x} at "
-                        f"column {column}); save the file as UTF-8, e.g. with "
-                        f"`iconv -f latin1 -t utf-8` if it is Latin-1"
-                    )
-                lines += chunk.count(b"\n")
+                    # err.object is this chunk after any bytes held back from the last one.
+                    return _bad_byte(path, offset - (len(err.object) - len(chunk)) + err.start)
+                offset += len(chunk)
             try:
                 decoder.decode(b"", final=True)
             except UnicodeDecodeError:
@@ -138,6 +132,18 @@ def _find_bad_utf8(files: list[str]) -> str | None:
                     f"{path}: ends inside a UTF-8 character (the file is cut short); copy it again"
                 )
     return None
+
+
+def _bad_byte(path: str, position: int) -> str:
+    """The message for the byte at `position`; lines are counted only now, on failure."""
+    with open(path, "rb") as f:
+        before = f.read(position)
+        byte = f.read(1)
+    line, column = before.count(b"\n") + 1, position - before.rfind(b"\n")
+    return (
+        f"{path}:{line}: not UTF-8 text (byte {byte[0]:#04x} at column {column}); save the "
+        "file as UTF-8, e.g. with `iconv -f latin1 -t utf-8` if it is Latin-1"
+    )
 
 
 def _find_bad_json(files: list[str]) -> str | None:
