@@ -24,6 +24,7 @@ from utils.cli.validate import validate
 from utils.config import Config
 from utils.data.build import build_sft_data
 from utils.data.common import SFTData
+from utils.data.labels import check_trained_tokens
 from utils.data.loaders import build_eval_loader, build_train_loader
 from utils.distributed import (
     DistInfo,
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(cfg.model, cfg.data.added_token)
         with rank_zero_first("build the data cache"):  # the others then read the cache
             data = build_sft_data(cfg.data, tokenizer)
+        check_trained_tokens(data, cfg.batch.loss_on, cfg.data.max_seq_len)
         train_loader, eval_loader = build_loaders(cfg, data, tokenizer, dist, setup)
         plan = build_step_plan(cfg, train_loader)
         if cfg.train.dry_run:

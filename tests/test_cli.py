@@ -56,6 +56,7 @@ OURS = {
     "--loss_on",
     "--loss_averaging",
     "--trust_remote_code",
+    "--tokenizer_name_or_path",
     "--save_lora_adapter",
     "--max_steps",
     "--dry_run",

@@ -22,6 +22,8 @@ from utils.data.cache import (
 from utils.data.common import FORMAT_VERSION, DataError, SFTData, SourceStats
 from utils.data.config import DataConfig
 from utils.data.formats import format_rows
+from utils.data.local import part_files
+from utils.data.skipped import check_not_all_skipped, required_columns
 from utils.data.sources import Source, fingerprint_source, load_source, resolve_sources
 from utils.data.split import parse_data_split, partition, resample, shuffled
 from utils.data.tokenize import TRUNCATED, fingerprint_tokenizer, tokenize_rows
@@ -86,6 +88,8 @@ def check_data_config(cfg: DataConfig) -> list[str]:
             problems.append(str(err))
     if cfg.max_seq_len < 1:
         problems.append(f"--max_seq_len {cfg.max_seq_len}: must be at least 1, e.g. 512")
+    if not 0 <= cfg.seed < 2**32:  # numpy's RandomState (split, blend) takes no other seed
+        problems.append(f"--seed {cfg.seed}: must be between 0 and {2**32 - 1}, e.g. 1234")
     if cfg.data_num_proc < 0:
         problems.append(f"--data_num_proc {cfg.data_num_proc}: must be 0 (automatic) or more")
     return problems
@@ -125,10 +129,13 @@ def build_source(
     train_rows and train_tokens count what trains after resampling.
     """
     raw, formatter = load_source(source, f"{work}-hf")
+    entry_columns = source.entry.columns if source.entry else None
+    columns = required_columns(raw["train"].column_names, entry_columns)
     stat = SourceStats(source.name)
     tokenised = {}
     for part, rows in select_phase1(source, raw, split, cfg.seed).items():
         formatted, skipped = format_rows(rows, formatter, f"{work}-{part}-format.arrow")
+        check_not_all_skipped(rows, len(formatted), columns, describe_part(source, part, split))
         tokenised[part] = tokenize_rows(
             formatted,
             tokenizer,
@@ -144,6 +151,15 @@ def build_source(
     stat.train_rows, stat.eval_rows = len(picked), len(tokenised["eval"])
     stat.train_tokens = int(lengths[picked].sum())
     return tokenised["train"].select(picked), tokenised["eval"], stat
+
+
+def describe_part(source: Source, part: str, split: list[float]) -> str:
+    """Where a source's train or eval rows come from, for messages: the file when known."""
+    files = part_files(source.path, part) if source.path else []
+    where = ", ".join(files) if files else f"{source.name} ({part} split)"
+    if not source.sft_only and split[0] < sum(split):
+        where += " (the SFT share by --data_split)"
+    return where
 
 
 def select_phase1(

@@ -5,17 +5,16 @@
 #   bash training_scripts/opt/cpu/run_tiny.sh [OUTPUT] [ZERO_STAGE] [extra main.py flags...]
 set -euo pipefail
 
-REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
-OUTPUT=${1:-./output_tiny}
-ZERO_STAGE=${2:-0}
-shift $(($# < 2 ? $# : 2))
+# shellcheck source-path=SCRIPTDIR source=SCRIPTDIR/../../common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../../common.sh"
+# Checked before the demo is built, so a wrong argument is named at once.
+parse_launcher_args 0 "${1:-./output_tiny}" "${@:2}"
 EMBEDDED=${EMBEDDED:-$REPO_ROOT/embedded}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 
-mkdir -p "$OUTPUT"
 (cd "$REPO_ROOT" && python -m utils.demo.embedded --out "$EMBEDDED")
 
-python "$REPO_ROOT/main.py" \
+run_logged python "$MAIN" \
     --model_name_or_path "$EMBEDDED/tiny-opt" \
     --data_path "$EMBEDDED/data" \
     --data_split 10,0,0 \
@@ -27,12 +26,10 @@ python "$REPO_ROOT/main.py" \
     --num_train_epochs 20 \
     --zero_stage "$ZERO_STAGE" \
     --output_dir "$OUTPUT" \
-    "$@" 2>&1 | tee "$OUTPUT/training.log"
+    "${EXTRA_ARGS[@]}"
 
 python "$REPO_ROOT/prompt_eval.py" \
     --model_name_or_path_baseline "$EMBEDDED/tiny-opt" \
     --model_name_or_path_finetune "$OUTPUT" \
     --prompts "$EMBEDDED/prompts.txt" \
     --max_new_tokens 32 2>&1 | tee "$OUTPUT/prompt_eval.log"
-
-echo "Fine-tuned model: $OUTPUT   training log: $OUTPUT/training.log"
