@@ -11,8 +11,9 @@ from utils.errors import UserError
 IGNORE_INDEX = -100
 """Label value the loss ignores (prompt and padding positions); the collator uses it."""
 
-FORMAT_VERSION = 1
-"""Bump when the tokenised layout changes so that old caches are never reused."""
+FORMAT_VERSION = 2
+"""Bump when the tokenised layout or the rows a split selects change, so that old caches
+are never reused (2: --data_split cuts follow DeepSpeed-Chat's rounding)."""
 
 
 class DataError(UserError):
