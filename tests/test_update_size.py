@@ -24,14 +24,15 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from tests.token_loss_worker import PAD, build_model, build_rows
-from utils.batching import collate
-from utils.config import EngineConfig, TrainConfig
-from utils.ds_config import build_ds_config
+from utils.data.collate import collate
+from utils.engine.config import EngineConfig, TrainConfig
+from utils.engine.ds_config import build_ds_config
 from utils.engine.precision_rules import precision_problems
-from utils.train import token_nll
+from utils.model.loss import token_nll
+from utils.observe.config import ObserveConfig
 
 ROWS = build_rows()
-BATCH = collate(ROWS, PAD)
+BATCH = collate(ROWS, pad_token_id=PAD, loss_on="all")
 # Loose enough for a 16-bit forward pass, tight enough to catch any wrong scale factor.
 TOLERANCE = {"fp32": 1e-4, "bf16": 0.01, "fp16": 0.01}  # measured: 1e-6, 2e-4, 5e-5
 
@@ -91,6 +92,7 @@ def step_twice(dtype: str, zero_stage: int) -> list[float]:
     config = build_ds_config(
         EngineConfig(zero_stage=zero_stage),
         TrainConfig(per_device_train_batch_size=len(ROWS), gradient_accumulation_steps=1),
+        ObserveConfig(),
         world_size=1,
         dtype=dtype,
     )

@@ -22,6 +22,7 @@ from utils.data.packing import packing_problems
 from utils.engine.checkpoint import checkpoint_problems
 from utils.engine.ds_config import EngineSetup, build_ds_config, setup_problems
 from utils.engine.precision import NATIVE_BF16_CAPABILITY, detect_dtype
+from utils.engine.precision_rules import precision_problems
 from utils.errors import ConfigError, UserError, format_problems
 from utils.model.config import ModelConfig
 from utils.model.folder_checks import tokenizer_problems, weight_problems
@@ -48,6 +49,10 @@ def validate(cfg: Config) -> EngineSetup:
             config = build_ds_config(cfg.engine, cfg.train, cfg.observe, world_size, dtype)
             setup = EngineSetup(config=config, world_size=world_size, dtype_reason=reason)
             problems += setup_problems(setup, cfg.train, cfg.engine.deepspeed_config, on_cuda)
+            if not problems:  # on the merged config: a --deepspeed_config's stage counts
+                problems += precision_problems(
+                    setup.dtype, setup.zero_stage, on_cuda, bf16, setup.offload, cfg.engine.dtype
+                )
         except UserError as err:
             problems.append(str(err))
     if problems:
