@@ -1,4 +1,5 @@
-"""Peak memory and step time: full fine-tune vs LoRA vs LoRA + gradient checkpointing.
+"""Peak memory and step time: full fine-tune vs LoRA vs LoRA + gradient checkpointing;
+with --chunked_loss, the plain loss vs the chunked loss (utils/chunked_loss.py).
 
 Same OPT-shaped model (random weights, the real OPT vocabulary size), same batch,
 same AdamW steps. Each variant runs in its own subprocess so its peak is its own.
@@ -10,6 +11,13 @@ decoder-layer linear with only the adapters trained (--only_optimize_lora).
     python bench/memory.py [--data_dir DIR_WITH_gsm8k_AND_opt-tokenizer] [--device cuda]
 
 Last line: `lora/full=<ratio> lora_gc/full=<ratio>` (peak memory).
+
+    python bench/memory.py --chunked_loss [--hidden_size 256 --num_layers 2]
+
+trains the full model with the plain loss (fp32 logits, as utils/train.py's token_nll) and
+with the chunked loss in both modes, at vocabularies of 50,272 (OPT) and 128,256 (Llama-3),
+micro-batch 8 x 512 tokens. Last line: `<vocab>: fused/plain peak=<r> speed=<r> ...`, speed
+being plain step time / chunked step time (above 1: the chunked loss is faster).
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ VARIANTS = {
     "lora_gc": {"lora": True, "gc": True},
 }
 OPT_VOCAB = 50272
+LLAMA3_VOCAB = 128256
+LOSSES = ("hf", "plain", "fused", "recompute")  # hf: the model's own loss (labels=...)
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,6 +58,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--lora_dim", type=int, default=8)
     p.add_argument("--steps", type=int, default=3, help="Timed steps after one warm-up step.")
+    p.add_argument("--vocab", type=int, default=OPT_VOCAB)
+    p.add_argument("--loss", choices=LOSSES, default="hf", help="(internal) the loss of a variant")
+    p.add_argument(
+        "--chunked_loss",
+        action="store_true",
+        help="Compare the plain and chunked losses at vocab 50k and 128k instead.",
+    )
     return p.parse_args()  # fmt: skip
 
 
@@ -57,7 +74,9 @@ def load_batch(args: argparse.Namespace):
 
     if args.data_dir is None:
         gen = torch.Generator().manual_seed(0)
-        return torch.randint(4, 50265, (args.batch_size, args.seq_len), generator=gen)
+        return torch.randint(
+            4, min(50265, args.vocab), (args.batch_size, args.seq_len), generator=gen
+        )
     from transformers import GPT2Tokenizer
 
     with tempfile.TemporaryDirectory() as tok_dir:
@@ -92,7 +111,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     base_rss = rss_bytes()
     config = OPTConfig(
-        vocab_size=OPT_VOCAB, hidden_size=args.hidden_size, word_embed_proj_dim=args.hidden_size,
+        vocab_size=args.vocab, hidden_size=args.hidden_size, word_embed_proj_dim=args.hidden_size,
         ffn_dim=4 * args.hidden_size, num_hidden_layers=args.num_layers,
         num_attention_heads=args.hidden_size // 64, max_position_embeddings=args.seq_len + 2,
     )  # fmt: skip
@@ -107,7 +126,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     times = []
     for step in range(args.steps + 1):
         start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = training_loss(model, ids, args.loss)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -128,23 +147,72 @@ def run_variant(args: argparse.Namespace) -> dict:
     }
 
 
+def training_loss(model, ids, loss: str):
+    """The mean NLL over every next token, computed as `loss` says."""
+    if loss == "hf":
+        return model(input_ids=ids, labels=ids).loss
+    if loss == "plain":
+        from utils.model.loss import token_nll
+
+        nll, count = token_nll(model(input_ids=ids).logits, ids, fp32=True)
+    else:
+        from utils.model.chunked_loss import default_chunk_tokens, forward_chunked_nll
+
+        chunk = default_chunk_tokens(model.config.vocab_size)
+        nll, count = forward_chunked_nll(model, {"input_ids": ids}, ids, chunk, loss)
+    return nll / count
+
+
+def run_in_subprocess(args_list: list[str]) -> dict:
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *args_list],
+        capture_output=True, text=True, check=True, env=env,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare_losses(args: argparse.Namespace) -> None:
+    """Plain vs chunked loss (both modes), full fine-tune, at two vocabulary sizes."""
+    forwarded = [a for a in sys.argv[1:] if a != "--chunked_loss"]
+    shape = ["--batch_size", "8", "--seq_len", "512"]
+    what = "GPU max allocated" if args.device.startswith("cuda") else "CPU RSS growth"
+    print(f"model: OPT-shaped hidden {args.hidden_size}, {args.num_layers} layers; batch 8 x 512 "
+          f"tokens; full fine-tune, AdamW; device {args.device}")  # fmt: skip
+    print(f"{'vocab':>8} {'loss':<10}{'peak (' + what + ')':>30}{'step s':>9}{'loss':>9}")
+    summary = []
+    for vocab in (OPT_VOCAB, LLAMA3_VOCAB):
+        results = {}
+        for loss in ("plain", "fused", "recompute"):
+            argv = ["--variant", "full", *shape, *forwarded, "--vocab", str(vocab), "--loss", loss]
+            r = results[loss] = run_in_subprocess(argv)
+            print(f"{vocab:>8} {loss:<10}{r['peak_bytes'] / 2**20:>27.1f}MiB{r['step_s']:>9.3f}"
+                  f"{r['loss']:>9.4f}")  # fmt: skip
+        plain = results["plain"]
+        summary.append(
+            f"{vocab}: "
+            + " ".join(
+                f"{m}/plain peak={results[m]['peak_bytes'] / plain['peak_bytes']:.2f} "
+                f"speed={plain['step_s'] / results[m]['step_s']:.2f}"
+                for m in ("fused", "recompute")
+            )
+        )
+    print("; ".join(summary))
+
+
 def main() -> None:
     args = parse_args()
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": repo, "HF_HUB_OFFLINE": "1"}
+    if args.chunked_loss:
+        compare_losses(args)
+        return
     forwarded = sys.argv[1:]
-    results = {}
-    for name in VARIANTS:
-        out = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--variant", name, *forwarded],
-            capture_output=True, text=True, check=True, env=env,
-        )  # fmt: skip
-        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    results = {name: run_in_subprocess(["--variant", name, *forwarded]) for name in VARIANTS}
     what = "GPU max allocated" if args.device.startswith("cuda") else "CPU RSS growth"
-    print(f"model: OPT-shaped hidden {args.hidden_size}, {args.num_layers} layers, vocab {OPT_VOCAB}; "
+    print(f"model: OPT-shaped hidden {args.hidden_size}, {args.num_layers} layers, vocab {args.vocab}; "
           f"batch {args.batch_size} x {args.seq_len} tokens; device {args.device}")  # fmt: skip
     print(f"{'variant':<9}{'trainable':>12}{'peak (' + what + ')':>30}{'step s':>9}")
     for name, r in results.items():

@@ -1,26 +1,33 @@
-"""Benchmark: real tokens/s of (A) padding to max length, (B) the default, (C) packing.
+"""Benchmark: real tokens/s of (A) padding to max length, (B) the default, (C) packing, and
+(R) a bare DeepSpeed loop on A's batches, in fp32 and (where the CPU has AMX-bf16) bf16.
 
 One process, one tiny-but-not-trivial OPT (same seed for every variant), real HH-RLHF
-dialogues tokenised by the real OPT tokenizer through this repository's data layer, and
-the training step of utils/train.py under DeepSpeed. The ids are then renumbered by
+dialogues tokenised by the real OPT tokenizer through this repository's data layer. A, B
+and C run the training loop itself (utils/train.py's `train`, with its meter, monitor,
+token-weighted loss and checkpoint hooks); R is `deepspeed.initialize` + forward (the
+model's own loss) + backward + step and nothing else, so A/R is what the loop costs at
+equal work. Training time excludes the evaluation `train` runs after each slice. The ids are then renumbered by
 frequency into a small vocabulary (rare ones share an "unknown" id): the lengths stay
 those of real dialogues, while a 50k-row output layer would make the tiny model's step
 mostly one softmax and hide what padding costs. Timings on a shared CPU are noisy, so
 the variants train in interleaved rounds (each round: a slice of every variant's epoch)
 and the ratios are medians over rounds. Every variant trains on the same rows (the same
-real tokens), so their final eval losses should agree within noise. Then (B) in bf16
-against fp32 for a few steps on the same batches: does bf16 train (same loss within
-bf16 rounding) and is it faster on this CPU?
+real tokens), so their final eval losses should agree within noise. The dtype axis adds
+(B) in bf16 where the CPU has AMX-bf16 (utils/engine/precision.py; `--dtypes fp32,bf16`
+forces it). `--compile` adds A and B with torch.compile'd models (engine.compile()): the
+first step's time (compilation) is reported apart, and the losses must agree.
 
     python bench/throughput.py --dialogues ../shared/data/hh-rlhf-harmless-base/test.jsonl \
         --tokenizer ../shared/data/opt-tokenizer
 
-The last line is `B/A=<ratio> C/A=<ratio>`.
+The last line is `A/R=<ratio> B/A=<ratio> C/A=<ratio> bf16/fp32=<ratio>`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import statistics
 import sys
@@ -40,12 +47,21 @@ from utils.data.build import build_sft_data
 from utils.data.config import BatchConfig, DataConfig
 from utils.data.loaders import build_eval_loader, build_train_loader
 from utils.distributed import init_distributed
-from utils.engine.accumulation import accumulation_windows, micro_batch_loss
-from utils.engine.config import EngineConfig, TrainConfig
+from utils.engine.checkpoint import DataPosition
+from utils.engine.checkpoint import start_run as start_checkpointer
+from utils.engine.config import CheckpointConfig, EngineConfig, TrainConfig
 from utils.engine.ds_config import build_ds_config
-from utils.engine.loop import evaluate, forward_nll
+from utils.engine.loop import evaluate, train
+from utils.engine.precision import cpu_bf16_capability
+from utils.observe.progress import RunMonitor
+from utils.observe.throughput import ThroughputMeter, build_flop_shape
 
 VARIANTS = {
+    "R": (
+        "bare DeepSpeed loop, pad to max length",
+        BatchConfig(pad_to_max_len=True, loss_on="all"),
+        "fp32",
+    ),
     "A": (
         "pad to max length (DeepSpeed-Chat)",
         BatchConfig(pad_to_max_len=True, loss_on="all"),
@@ -53,8 +69,14 @@ VARIANTS = {
     ),
     "B": ("default: length-grouped, pad to longest", BatchConfig(loss_on="all"), "fp32"),
     "C": ("packing", BatchConfig(packing=True, loss_on="all"), "fp32"),
+    "B-bf16": ("default, bf16", BatchConfig(loss_on="all"), "bf16"),
+    "A-compile": (
+        "pad to max length, torch.compile",
+        BatchConfig(pad_to_max_len=True, loss_on="all"),
+        "fp32",
+    ),
+    "B-compile": ("default, torch.compile", BatchConfig(loss_on="all"), "fp32"),
 }
-BF16 = ("default, bf16", BatchConfig(loss_on="all"), "bf16")
 PAD = 0  # after shrink_vocab
 
 
@@ -62,14 +84,16 @@ PAD = 0  # after shrink_vocab
 class Run:
     name: str
     engine: object
-    windows: object
+    loader: object
     steps: int
+    checkpointer: object = None
+    batches: object = None  # R: the loader's batches, drawn as it trains
     done: int = 0
     rounds: list[float] = field(default_factory=list)  # real tokens/s per round
     real: int = 0
     padded: int = 0
     seconds: float = 0.0
-    last_loss: float = float("nan")
+    first_step_s: float = 0.0  # the first step alone (compilation, for compiled models)
 
 
 def build_model(vocab: int, args, pad_id: int) -> OPTForCausalLM:
@@ -102,52 +126,84 @@ def shrink_vocab(train, eval_, vocab: int, pad_id: int):
     return train.map(renumber), eval_.map(renumber)
 
 
-def start_run(name: str, train, args) -> Run:
-    _, batch_cfg, dtype = BF16 if name == "B-bf16" else VARIANTS[name]
+def start_run(name: str, train_rows, args, dist, work: str) -> Run:
+    _, batch_cfg, dtype = VARIANTS[name]
     train_cfg = TrainConfig(per_device_train_batch_size=args.batch, learning_rate=args.lr)
     model = build_model(args.vocab, args, PAD)
     ds_config = build_ds_config(EngineConfig(), train_cfg, 1, dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    optimizer = build_optimizer(model, args)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if name.endswith("-compile"):
+        engine.compile()
     loader = build_train_loader(
-        train, batch_cfg, args.batch, args.max_seq_len, PAD, args.seed, 0, 1, dtype
+        train_rows, batch_cfg, args.batch, args.max_seq_len, PAD, args.seed, 0, 1, dtype
     )
-    windows = accumulation_windows(loader, 1, torch.device("cpu"), carry=[])
-    return Run(name, engine, windows, steps=len(loader))
+    run = Run(name, engine, loader, steps=len(loader))
+    if name == "R":
+        loader.sampler.set_epoch(0)  # the order train() gives A's first epoch
+        run.batches = iter(loader)
+    else:
+        folder = os.path.join(work, name)
+        run.checkpointer = start_checkpointer(CheckpointConfig(), folder, model, ds_config, dist)
+    return run
 
 
-def train_slice(run: Run, steps: int) -> None:
-    """`steps` optimizer steps of utils/train.py's loop (accumulation 1), timed."""
-    real = padded = 0
-    started = time.perf_counter()
-    for _ in range(steps):
-        window = next(run.windows)
-        [batch] = window.batches
-        nll, count = forward_nll(run.engine, batch, False)
-        run.engine.backward(micro_batch_loss(nll, count, window, "token", 1), scale_wrt_gas=False)
-        run.engine.step()
-        real += int(batch["seq_lens"].sum())
-        padded += batch["input_ids"].numel()
-    seconds = time.perf_counter() - started
+def build_optimizer(model, args) -> torch.optim.Optimizer:
+    """What main.py builds on a CPU (DeepSpeed's CPU Adam), or torch's AdamW (--optimizer)."""
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if args.optimizer == "ds_cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=args.lr, betas=(0.9, 0.95))
+    fused = args.optimizer == "torch_fused"
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=fused, foreach=not fused)
+
+
+def train_slice(run: Run, steps: int, args, dist, eval_small) -> None:
+    """`steps` optimizer steps: R's bare loop, or utils/train.py's `train` for the others.
+
+    A run's very first step is timed apart (compilation, for compiled models) and left out
+    of its throughput."""
+    step_fn = bare_steps if run.name == "R" else loop_steps
+    if run.done == 0:
+        run.first_step_s, _, _ = step_fn(run, 1, args, dist, eval_small)
+        run.done, steps = 1, steps - 1
+    seconds, real, padded = step_fn(run, steps, args, dist, eval_small)
     run.done += steps
     run.real, run.padded, run.seconds = run.real + real, run.padded + padded, run.seconds + seconds
     run.rounds.append(real / seconds)
-    run.last_loss = float(nll.detach()) / max(count, 1)
 
 
-def compare_bf16(train, args) -> str:
-    """bf16 against fp32, (B) batches, the same first steps: speed ratio and losses."""
-    runs = [start_run(name, train, args) for name in ("B", "B-bf16")]
-    for run in runs:
-        train_slice(run, 1)  # warm-up (first-call allocations), not timed below
-        run.rounds = []
-        train_slice(run, args.bf16_steps)
-    fp32, bf16 = runs
-    return (
-        f"bf16/fp32 real tokens/s (B, steps 2-{1 + args.bf16_steps}) = "
-        f"{bf16.rounds[0] / fp32.rounds[0]:.2f}; training loss at step {1 + args.bf16_steps}: "
-        f"fp32 {fp32.last_loss:.4f}, bf16 {bf16.last_loss:.4f}"
-    )
+def bare_steps(run: Run, steps: int, *_) -> tuple[float, int, int]:
+    batches = [next(run.batches) for _ in range(steps)]  # collated before the clock starts
+    started = time.perf_counter()
+    for batch in batches:
+        out = run.engine(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            use_cache=False,
+        )
+        run.engine.backward(out.loss)
+        run.engine.step()
+    seconds = time.perf_counter() - started
+    real = sum(int(b["seq_lens"].sum()) for b in batches)
+    return seconds, real, sum(b["input_ids"].numel() for b in batches)
+
+
+def loop_steps(run: Run, steps: int, args, dist, eval_small) -> tuple[float, int, int]:
+    """The loop from where the last slice stopped (as a resume would), timed by its own
+    meter, which leaves out the evaluation `train` runs at its end."""
+    run.checkpointer.start = DataPosition(0, run.done)
+    meter = ThroughputMeter(build_flop_shape(run.engine.module, False), None, dist.device, 1)
+    total = run.done + steps
+    monitor = RunMonitor(None, total, start_step=run.done, stream=io.StringIO(), enabled=True)
+    train_cfg = TrainConfig(per_device_train_batch_size=args.batch, learning_rate=args.lr)
+    with contextlib.redirect_stdout(io.StringIO()):  # the loop's own prints
+        train(run.engine, run.loader, eval_small, train_cfg, dist, total, False, monitor, meter,
+              run.checkpointer)  # fmt: skip
+    counts = meter.total
+    return counts["seconds"], int(counts["real"]), int(counts["padded"])
 
 
 def load_data(args, work: str):
@@ -175,37 +231,56 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--variants", default="A,B,C")
-    p.add_argument("--bf16_steps", type=int, default=2, help="0 skips the bf16 comparison")
+    p.add_argument("--variants", default="R,A,B,C")
+    p.add_argument("--dtypes", default="auto", help="fp32[,bf16]; auto: bf16 where AMX-bf16")
+    p.add_argument("--compile", action="store_true", help="add A and B with torch.compile")
+    p.add_argument(
+        "--optimizer",
+        choices=("ds_cpu_adam", "torch_foreach", "torch_fused"),
+        default="ds_cpu_adam",
+        help="ds_cpu_adam: what main.py uses on a CPU",
+    )
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args()
 
+    has_bf16, why = cpu_bf16_capability()
+    dtypes = ("fp32", "bf16") if has_bf16 else ("fp32",)
+    dtypes = dtypes if args.dtypes == "auto" else tuple(args.dtypes.split(","))
+    names = args.variants.split(",")
+    names += ["B-bf16"] if "bf16" in dtypes else []
+    names += ["A-compile", "B-compile"] if args.compile else []
     dist = init_distributed()
     with tempfile.TemporaryDirectory() as work:
         tokenizer, data = load_data(args, work)
-        train, eval_ = shrink_vocab(data.train, data.eval, args.vocab, tokenizer.pad_token_id)
-        runs = [start_run(name, train, args) for name in args.variants.split(",")]
+        train_rows, eval_ = shrink_vocab(data.train, data.eval, args.vocab, tokenizer.pad_token_id)
+        runs = [start_run(name, train_rows, args, dist, work) for name in names]
         params = sum(p.numel() for p in runs[0].engine.module.parameters())
         print(
             f"OPT {params / 1e6:.1f}M parameters, {len(data.train)} train rows "
             f"({data.train_tokens} tokens), {len(data.eval)} eval rows, "
-            f"seq {args.max_seq_len}, batch {args.batch}, {torch.get_num_threads()} threads"
+            f"seq {args.max_seq_len}, batch {args.batch}, {torch.get_num_threads()} threads, "
+            f"optimizer {args.optimizer}; bf16: {why}"
+        )
+        # train() evaluates after every slice (not timed): a few rows keep that short.
+        eval_small = build_eval_loader(
+            eval_.select(range(min(8, len(eval_)))), args.batch, PAD, 0, 1
         )
         for r in range(args.rounds):
             # Rotate who goes first so a noisy neighbour does not always hit the same variant.
             for run in runs[r % len(runs) :] + runs[: r % len(runs)]:
-                train_slice(run, (r + 1) * run.steps // args.rounds - run.done)
+                train_slice(
+                    run, (r + 1) * run.steps // args.rounds - run.done, args, dist, eval_small
+                )
         eval_loader = build_eval_loader(eval_, args.batch, PAD, 0, 1)
         losses = {run.name: evaluate(run.engine, eval_loader, dist, False).loss for run in runs}
-        bf16_line = compare_bf16(train, args) if args.bf16_steps else ""
 
     by_name = {run.name: run for run in runs}
     for run in runs:
         print(
-            f"{run.name:7s} {VARIANTS[run.name][0]:42s} {run.real / run.seconds:8.0f} real tokens/s "
-            f"(median round {statistics.median(run.rounds):.0f}), "
-            f"{1 - run.real / run.padded:5.1%} padding, {run.steps} steps, "
-            f"{run.real} real tokens, eval loss {losses[run.name]:.4f}"
+            f"{run.name:9s} {VARIANTS[run.name][0]:40s} {run.real / run.seconds:8.0f} real "
+            f"tokens/s (median round {statistics.median(run.rounds):.0f}), "
+            f"{1 - run.real / run.padded:5.1%} padding, {run.steps} steps, first step "
+            f"{run.first_step_s:.2f} s, eval loss {losses[run.name]:.4f}"
         )
 
     def ratio(top: str, bottom: str) -> str:
@@ -214,9 +289,12 @@ def main() -> None:
         rounds = zip(by_name[top].rounds, by_name[bottom].rounds, strict=True)
         return f"{statistics.median(t / b for t, b in rounds):.2f}"
 
-    if args.bf16_steps:
-        print(bf16_line)
-    print(f"B/A={ratio('B', 'A')} C/A={ratio('C', 'A')}")
+    if args.compile:
+        print(f"compiled/eager: A={ratio('A-compile', 'A')} B={ratio('B-compile', 'B')}")
+    print(
+        f"A/R={ratio('A', 'R')} B/A={ratio('B', 'A')} C/A={ratio('C', 'A')} "
+        f"bf16/fp32={ratio('B-bf16', 'B')}"
+    )
 
 
 if __name__ == "__main__":

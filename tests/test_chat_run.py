@@ -28,7 +28,7 @@ from utils.demo.chat_data import (
 from utils.demo.tiny import build_opt_model, build_tokenizer
 from utils.errors import UserError
 from utils.evaluate.prompts import dschat_prompt, read_prompts, render_prompts
-from utils.model.save import publish_hf_folder
+from utils.model.save import write_model_folder
 from utils.model.serving import carry_chat_template
 
 CHATML = str(TEMPLATE_PATH)
@@ -188,7 +188,7 @@ def test_saved_folder_reloads_the_template_and_generation_stops_at_its_end_of_tu
     template = load_chat_template(CHATML, chat_tokenizer)
     carry_chat_template(model, chat_tokenizer, template)
     state = {name: p.detach().clone() for name, p in model.named_parameters()}
-    publish_hf_folder(model, chat_tokenizer, state, str(tmp_path / "out"))
+    write_model_folder(model, chat_tokenizer, state, None, str(tmp_path / "out"))
 
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
     reloaded = load_chat_template("model", tokenizer)

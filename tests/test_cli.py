@@ -58,6 +58,7 @@ OURS = {
     "--system_prompt",
     "--loss_averaging",
     "--trust_remote_code",
+    "--tokenizer_name_or_path",
     "--save_lora_adapter",
     "--max_steps",
     "--dry_run",
@@ -69,6 +70,7 @@ OURS = {
     "--gpu_memory_gb",
     "--num_gpus_per_node",
     "--num_nodes",
+    "--dist_timeout_minutes",
 }
 
 

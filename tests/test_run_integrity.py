@@ -119,6 +119,32 @@ def test_a_deepspeed_config_goes_through_the_flags_checks(
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
+@pytest.mark.parametrize("source", ["flag", "deepspeed_config"])
+def test_fp16_at_zero_stage_0_is_refused_on_a_gpu(tiny_model_dir, tmp_path, monkeypatch, source):
+    """DeepSpeed-Chat's own defaults (fp16, ZeRO-0) barely train on DeepSpeed 0.18.3+
+    (tests/test_update_size.py shows why): refused on a GPU, however fp16 is asked for."""
+    from deepspeed.accelerator import get_accelerator
+
+    from utils.cli.validate import validate
+    from utils.errors import ConfigError
+
+    monkeypatch.setattr(get_accelerator(), "device_name", lambda *a: "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    data = write_rows(tmp_path / "data", train=8)
+    extra = ["--dtype", "fp16"]
+    if source == "deepspeed_config":
+        ds_file = tmp_path / "ds.json"
+        ds_file.write_text(json.dumps({"fp16": {"enabled": True}}))
+        extra = ["--dtype", "fp32", "--deepspeed_config", str(ds_file)]
+    with pytest.raises(ConfigError) as refused:
+        validate(parse_args(args(tiny_model_dir, data, tmp_path, *extra)))
+    assert "with --zero_stage 0 does not train" in str(refused.value)
+    assert "Use --zero_stage 1" in str(refused.value)
+    stage_1 = parse_args(args(tiny_model_dir, data, tmp_path, *extra, "--zero_stage", "1"))
+    assert validate(stage_1).zero_stage == 1
+
+
 def test_a_user_error_while_resuming_is_one_line_and_exit_2(
     tiny_model_dir, tmp_path, capsys, monkeypatch
 ):

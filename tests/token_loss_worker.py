@@ -78,7 +78,8 @@ def main(out: str, mode: str, zero_stage: int, micro: int, accumulation: int) ->
         "gradient_clipping": 0.0,  # DeepSpeed's default 1.0 would rescale the update
     }
     setup = EngineSetup(config=config, world_size=dist.world_size, dtype_reason="fp32")
-    checkpointer = build_checkpointer(CheckpointConfig(), os.path.dirname(out), model, setup, dist)
+    checkpointer = build_checkpointer(CheckpointConfig(), os.path.dirname(out), {}, dist)
+    checkpointer.engine_setup(model, setup)
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), config=config
     )

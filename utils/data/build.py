@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import shutil
 
 import pyarrow.compute as pc
 from datasets import Dataset, concatenate_datasets
-from filelock import FileLock
 from transformers import PreTrainedTokenizerBase
 
-from utils.data.cache import cache_key, load_cached, predates_process, save_cached
+from utils.data.cache import (
+    ENTRY_PREFIX,
+    cache_key,
+    entry_lock,
+    load_cached,
+    predates_process,
+    save_cached,
+    sweep_dead_builds,
+    work_folder,
+)
 from utils.data.chat import ChatTemplate, load_chat_template
 from utils.data.chat_rows import conversation_reader, drop_skipped, tokenize_chat_rows
 from utils.data.common import FORMAT_VERSION, DataError, SFTData, SourceStats
 from utils.data.config import DEFAULT_EOT, DSCHAT, DataConfig
 from utils.data.formats import format_rows
+from utils.data.local import part_files
+from utils.data.skipped import check_not_all_skipped, required_columns
 from utils.data.sources import Source, fingerprint_source, load_source, resolve_sources
 from utils.data.split import parse_data_split, partition, resample, shuffled
 from utils.data.tokenize import TRUNCATED, fingerprint_tokenizer, tokenize_rows
@@ -51,17 +61,23 @@ def build_sft_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> SFTDa
         }
     )
     root = cfg.data_output_path
-    folder = os.path.join(root, f"sft-{key}")
+    folder = os.path.join(root, ENTRY_PREFIX + key)
     if cached := load_reusable(folder, cfg.rebuild_data_cache):
         return cached
     os.makedirs(root, exist_ok=True)
-    with FileLock(folder + ".lock"):
+    with entry_lock(folder):
         # Another process may have finished the same entry while this one waited.
         if cached := load_reusable(folder, cfg.rebuild_data_cache):
             return cached
-        with tempfile.TemporaryDirectory(prefix=".build-", dir=root) as work:
-            data = build_uncached(sources, split, cfg, tokenizer, template, work)
-            save_cached(data, folder, work)
+        sweep_dead_builds(folder)
+        work = work_folder(folder)
+        os.makedirs(work)
+        try:
+            save_cached(
+                build_uncached(sources, split, cfg, tokenizer, template, work), folder, work
+            )
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return load_cached(folder)
 
 
@@ -82,6 +98,8 @@ def check_data_config(cfg: DataConfig) -> list[str]:
             problems.append(str(err))
     if cfg.max_seq_len < 1:
         problems.append(f"--max_seq_len {cfg.max_seq_len}: must be at least 1, e.g. 512")
+    if not 0 <= cfg.seed < 2**32:  # numpy's RandomState (split, blend) takes no other seed
+        problems.append(f"--seed {cfg.seed}: must be between 0 and {2**32 - 1}, e.g. 1234")
     if cfg.data_num_proc < 0:
         problems.append(f"--data_num_proc {cfg.data_num_proc}: must be 0 (automatic) or more")
     return problems + chat_flag_problems(cfg)
@@ -152,11 +170,14 @@ def build_source(
     train_rows and train_tokens count what trains after resampling.
     """
     raw, formatter = load_source(source, f"{work}-hf")
+    entry_columns = source.entry.columns if source.entry else None
+    columns = required_columns(raw["train"].column_names, entry_columns)
     stat = SourceStats(source.name)
     tokenised = {}
     for part, rows in select_phase1(source, raw, split, cfg.seed).items():
         if template is None:
             formatted, skipped = format_rows(rows, formatter, f"{work}-{part}-format.arrow")
+            check_not_all_skipped(rows, len(formatted), columns, describe_part(source, part, split))
             stat.add_skips(MISSING_FIELD, skipped)
             tokenised[part] = tokenize_rows(
                 formatted,
@@ -190,6 +211,15 @@ def build_source(
     stat.train_rows, stat.eval_rows = len(picked), len(tokenised["eval"])
     stat.train_tokens = int(lengths[picked].sum())
     return tokenised["train"].select(picked), tokenised["eval"], stat
+
+
+def describe_part(source: Source, part: str, split: list[float]) -> str:
+    """Where a source's train or eval rows come from, for messages: the file when known."""
+    files = part_files(source.path, part) if source.path else []
+    where = ", ".join(files) if files else f"{source.name} ({part} split)"
+    if not source.sft_only and split[0] < sum(split):
+        where += " (the SFT share by --data_split)"
+    return where
 
 
 def select_phase1(

@@ -11,10 +11,10 @@ from utils.errors import UserError
 IGNORE_INDEX = -100
 """Label value the loss ignores (prompt and padding positions); the collator uses it."""
 
-FORMAT_VERSION = 2
-"""Bump when the tokenised layout changes so that old caches are never reused.
-
-2: rows carry `loss_spans` (the trained token ranges) instead of `prompt_len`."""
+FORMAT_VERSION = 3
+"""Bump when the tokenised layout or the rows a split selects change, so that old caches
+are never reused (2: --data_split cuts follow DeepSpeed-Chat's rounding; 3: rows carry
+`loss_spans`, the trained token ranges, instead of `prompt_len`)."""
 
 
 class DataError(UserError):
@@ -61,6 +61,7 @@ class SFTData:
     train: Dataset
     eval: Dataset
     sources: list[SourceStats] = field(default_factory=list)
+    cache_key: str = ""  # of the cache entry: sources' contents, split, seed, tokenizer, length
 
     @property
     def train_tokens(self) -> int:

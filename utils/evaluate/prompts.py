@@ -80,11 +80,7 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--prompts {path}: no such file; give a text file with one prompt a line")
-    lines = [
-        (number, line)
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-        if line.strip()
-    ]
+    lines = [(number, line) for number, line in _read_lines(path) if line.strip()]
     if not lines:
         raise UserError(
             f"--prompts {path}: the file has no prompts; write one prompt a line "
@@ -93,6 +89,20 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     if path.suffix == ".jsonl" or lines[0][1].lstrip().startswith("{"):
         return [_prompt_field(path, number, line) for number, line in lines]
     return [line for _, line in lines]
+
+
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of every line; a line that is not UTF-8 is named, not a traceback."""
+    lines = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            lines.append((number, raw.decode("utf-8")))
+        except UnicodeDecodeError as err:
+            raise UserError(
+                f"--prompts {path}: line {number} is not UTF-8 text (byte "
+                f"{raw[err.start]:#04x} at column {err.start + 1}); save the file as UTF-8"
+            ) from None
+    return lines
 
 
 def _prompt_field(path: Path, number: int, line: str) -> Prompt:

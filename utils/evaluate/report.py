@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import unicodedata
 from pathlib import Path
 
 from utils.errors import UserError
+from utils.files import write_atomically
 
 REPORT_FORMATS = {".md": "markdown", ".markdown": "markdown", ".json": "json"}
 
@@ -87,14 +86,7 @@ def save_report(report: dict, path: str | Path) -> None:
         else json.dumps(report, indent=2, ensure_ascii=False) + "\n"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
+    write_atomically(str(path), text)  # with the umask's modes, not mkstemp's 0600
 
 
 def _header_lines(report: dict) -> list[str]:

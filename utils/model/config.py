@@ -15,6 +15,11 @@ class ModelConfig:
     model_name_or_path: str = flag(
         help="A hub model name or a local folder with a saved model and tokenizer."
     )
+    tokenizer_name_or_path: str | None = flag(
+        None,
+        "The tokenizer's folder or hub name, when --model_name_or_path holds no tokenizer "
+        "of its own (default: the model's).",
+    )
     trust_remote_code: bool = flag(
         False, "Allow model code from the model's repository (off by default: it runs code)."
     )
@@ -27,6 +32,10 @@ class ModelConfig:
     compute_fp32_loss: bool = flag(
         False, "Compute the loss in fp32 even when training in fp16/bf16."
     )
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer_name_or_path or self.model_name_or_path
 
 
 DEFAULT_LORA_SCOPE = "decoder.layers."
