@@ -14,6 +14,7 @@ from utils.cli.summary import build_summary, data_warnings
 from utils.data.build import build_sft_data
 from utils.data.common import IGNORE_INDEX
 from utils.data.config import BatchConfig, DataConfig
+from utils.data.labels import build_labels, trained_tokens
 from utils.data.loaders import build_train_loader
 from utils.demo.chat_data import TEMPLATE_PATH, add_chat_tokens, build_chat_rows
 from utils.demo.tiny import build_tokenizer
@@ -248,3 +249,12 @@ def test_summary_names_the_template_and_the_share_the_spans_train(demo_data):
     assert f"format       --chat_template {CHATML}: every assistant turn trained" in text
     assert f"loss on {100 * spans / tokens:.0f}% of them (assistant turns only)" in text
     assert 0 < spans < tokens
+
+
+@pytest.mark.parametrize("loss_on", ["all", "response"])
+def test_the_trained_token_count_is_what_the_labels_train(demo_data, loss_on):
+    # check_trained_tokens refuses data whose count is 0; it must agree with the labels.
+    data, _ = demo_data
+    labels = [build_labels(row, loss_on)[1:] for row in data.train]  # after the shift
+    expected = sum(label != IGNORE_INDEX for row in labels for label in row)
+    assert trained_tokens(data.train, loss_on) == expected > 0
