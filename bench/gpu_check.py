@@ -137,7 +137,15 @@ def run_one(name: str, args, dataset, device: torch.device, dtype: str) -> dict 
         "packing": BatchConfig(packing=True, loss_on="all"),
     }.get(name, BatchConfig(loss_on="all"))
     loader = build_train_loader(
-        dataset, batch_cfg, 8, args.max_seq_len, PAD, args.seed, 0, 1, dtype
+        dataset,
+        batch_cfg,
+        micro_batch=8,
+        max_seq_len=args.max_seq_len,
+        pad_token_id=PAD,
+        seed=args.seed,
+        rank=0,
+        world_size=1,
+        mask_dtype=torch.bfloat16 if dtype == "bf16" else torch.float32,
     )
     chunk = default_chunk_tokens(config.vocab_size)
     kernel = loss_kernel(device.type)
