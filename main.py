@@ -19,10 +19,11 @@ from transformers import set_seed
 
 from utils.cli.failures import explain_failures, quiet_library_noise
 from utils.cli.parse import parse_args
-from utils.cli.summary import print_run_summary
+from utils.cli.summary import count_tokens, print_run_summary
 from utils.cli.validate import validate
 from utils.config import Config
 from utils.data.build import build_sft_data
+from utils.data.chat import ChatTemplate, load_chat_template
 from utils.data.common import SFTData
 from utils.data.labels import check_trained_tokens
 from utils.data.loaders import build_eval_loader, build_train_loader
@@ -46,6 +47,7 @@ from utils.model.load import build_model, count_parameters, load_tokenizer
 from utils.model.lora import apply_lora
 from utils.model.publish import recover_interrupted_save
 from utils.model.save import check_disk_space, save_hf_model
+from utils.model.serving import carry_chat_template
 from utils.model.verify import verify_saved_model
 from utils.observe.progress import build_monitor
 from utils.observe.throughput import build_meter
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         dist = init_distributed(cfg.engine.local_rank, cfg.engine.dist_timeout_minutes)
         set_seed(cfg.data.seed)
         tokenizer = load_tokenizer(cfg.model, cfg.data.added_token)
+        template = load_chat_template(cfg.data.chat_template, tokenizer)  # None: dschat
         with rank_zero_first("build the data cache"):  # the others then read the cache
             data = build_sft_data(cfg.data, tokenizer)
         check_trained_tokens(data, cfg.batch.loss_on, cfg.data.max_seq_len)
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if checkpointer.preempted:
             return PREEMPTED_EXIT
-        save_model(cfg, engine, tokenizer, eval_loader, dist, checkpointer)
+        save_model(cfg, engine, tokenizer, template, eval_loader, dist, checkpointer)
         return 0
     except UserError as err:  # a mistake the user can fix: one message, no traceback
         print(f"error: {err}", file=sys.stderr, flush=True)
@@ -173,9 +176,21 @@ def prepare_output_dir(output_dir: str, dist: DistInfo) -> None:
             print_rank_0(note)
 
 
-def save_model(cfg: Config, engine, tokenizer, eval_loader, dist: DistInfo, checkpointer) -> None:
-    """Write the Hugging Face folder (and the LoRA adapter if asked), then prove it reloads."""
+def save_model(
+    cfg: Config,
+    engine,
+    tokenizer,
+    template: ChatTemplate | None,
+    eval_loader,
+    dist: DistInfo,
+    checkpointer,
+) -> None:
+    """Write the Hugging Face folder (and the LoRA adapter if asked), then prove it reloads.
+
+    With a chat template the folder carries it, and generation stops at its end of turn.
+    """
     output_dir, zero_stage = cfg.train.output_dir, engine.zero_optimization_stage()
+    carry_chat_template(engine.module, tokenizer, template)
     advice = checkpointer.advice_after_failed_save(engine.global_steps)
     save_hf_model(
         engine.module, tokenizer, output_dir, zero_stage, cfg.lora.save_lora_adapter, advice
@@ -193,9 +208,18 @@ def dry_run(cfg: Config, tokenizer, data: SFTData, setup: EngineSetup, plan: Ste
         "train_rows": len(data.train),
         "eval_rows": len(data.eval),
         "train_tokens": data.train_tokens,
+        "chat_template": cfg.data.chat_template,
+        "loss_on": cfg.batch.loss_on,
+        "trained_token_share": round(count_tokens(data, cfg.batch.loss_on)[1], 4),
         "optimizer_steps": plan.total_steps,
         "sources": [
-            {"name": s.name, "train_rows": s.train_rows, "eval_rows": s.eval_rows}
+            {
+                "name": s.name,
+                "train_rows": s.train_rows,
+                "eval_rows": s.eval_rows,
+                "skipped_rows": s.skipped_rows,
+                "skip_reasons": s.skip_reasons,
+            }
             for s in data.sources
         ],
         "parameters": total,

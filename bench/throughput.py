@@ -57,13 +57,25 @@ from utils.observe.progress import RunMonitor
 from utils.observe.throughput import ThroughputMeter, build_flop_shape
 
 VARIANTS = {
-    "R": ("bare DeepSpeed loop, pad to max length", BatchConfig(pad_to_max_len=True), "fp32"),
-    "A": ("pad to max length (DeepSpeed-Chat)", BatchConfig(pad_to_max_len=True), "fp32"),
-    "B": ("default: length-grouped, pad to longest", BatchConfig(), "fp32"),
-    "C": ("packing", BatchConfig(packing=True), "fp32"),
-    "B-bf16": ("default, bf16", BatchConfig(), "bf16"),
-    "A-compile": ("pad to max length, torch.compile", BatchConfig(pad_to_max_len=True), "fp32"),
-    "B-compile": ("default, torch.compile", BatchConfig(), "fp32"),
+    "R": (
+        "bare DeepSpeed loop, pad to max length",
+        BatchConfig(pad_to_max_len=True, loss_on="all"),
+        "fp32",
+    ),
+    "A": (
+        "pad to max length (DeepSpeed-Chat)",
+        BatchConfig(pad_to_max_len=True, loss_on="all"),
+        "fp32",
+    ),
+    "B": ("default: length-grouped, pad to longest", BatchConfig(loss_on="all"), "fp32"),
+    "C": ("packing", BatchConfig(packing=True, loss_on="all"), "fp32"),
+    "B-bf16": ("default, bf16", BatchConfig(loss_on="all"), "bf16"),
+    "A-compile": (
+        "pad to max length, torch.compile",
+        BatchConfig(pad_to_max_len=True, loss_on="all"),
+        "fp32",
+    ),
+    "B-compile": ("default, torch.compile", BatchConfig(loss_on="all"), "fp32"),
 }
 PAD = 0  # after shrink_vocab
 

@@ -377,14 +377,18 @@ def test_an_unpublished_checkpoint_is_refused_on_the_command_line(
 
 
 @pytest.mark.parametrize(
-    "batch_cfg", [BatchConfig(), BatchConfig(packing=True)], ids=["rows", "packs"]
+    "batch_cfg",
+    [BatchConfig(loss_on="all"), BatchConfig(packing=True, loss_on="all")],
+    ids=["rows", "packs"],
 )
 def test_skipping_consumed_batches_continues_the_epochs_order(tiny_tokenizer, batch_cfg):
     from datasets import Dataset
 
     from utils.data.loaders import build_train_loader
 
-    rows = Dataset.from_list([{"input_ids": [5] * (i % 7 + 2), "prompt_len": 1} for i in range(80)])
+    rows = Dataset.from_list(
+        [{"input_ids": [5] * (i % 7 + 2), "loss_spans": [[1, 2]]} for i in range(80)]
+    )
     loader = build_train_loader(
         rows,
         batch_cfg,

@@ -54,6 +54,8 @@ OURS = {
     "--pad_to_max_len",
     "--packing",
     "--loss_on",
+    "--chat_template",
+    "--system_prompt",
     "--loss_averaging",
     "--trust_remote_code",
     "--tokenizer_name_or_path",

@@ -15,9 +15,9 @@ from utils.demo.tiny import build_opt_model
 from utils.model.loss import token_nll
 
 ROWS = [
-    {"input_ids": [5, 9, 14, 22, 31], "prompt_len": 2},
-    {"input_ids": [8, 40, 41, 42, 43, 44, 45, 46, 47], "prompt_len": 4},
-    {"input_ids": [60, 61, 62, 63], "prompt_len": 1},
+    {"input_ids": [5, 9, 14, 22, 31], "loss_spans": [[2, 5]]},
+    {"input_ids": [8, 40, 41, 42, 43, 44, 45, 46, 47], "loss_spans": [[2, 4], [6, 9]]},
+    {"input_ids": [60, 61, 62, 63], "loss_spans": [[1, 4]]},
 ]
 
 
@@ -90,7 +90,7 @@ def test_packing_loader_trains_every_row_once():
     dataset = Dataset.from_list(ROWS * 5)
     loader = build_train_loader(
         dataset,
-        BatchConfig(packing=True),
+        BatchConfig(packing=True, loss_on="all"),
         micro_batch=2,
         max_seq_len=32,
         pad_token_id=1,

@@ -176,7 +176,7 @@ def test_loss_sums_are_reduced_in_fp32(dtype):
 def test_summary_reports_what_training_uses(tiny_model_dir):
     # --loss_on response: the loss covers response tokens only (before: "100%").
     cfg = parse_args(["--model_name_or_path", str(tiny_model_dir), "--loss_on", "response"])
-    rows = {"input_ids": [[1, 5, 6, 7], [1, 8, 9, 10]], "prompt_len": [3, 2]}
+    rows = {"input_ids": [[1, 5, 6, 7], [1, 8, 9, 10]], "loss_spans": [[[3, 4]], [[2, 4]]]}
     data = SFTData(Dataset.from_dict(rows), Dataset.from_dict(rows), [SourceStats("d", 2)])
     config = {
         "train_batch_size": 2,
@@ -191,10 +191,10 @@ def test_summary_reports_what_training_uses(tiny_model_dir):
 
 def test_packing_steps_count_packs_not_rows():
     # 40 rows of 8 tokens pack 4 to a row of 32: 10 packs, 5 micro-batches of 2 (not 20).
-    rows = Dataset.from_dict({"input_ids": [[5] * 8] * 40, "prompt_len": [1] * 40})
+    rows = Dataset.from_dict({"input_ids": [[5] * 8] * 40, "loss_spans": [[[1, 8]]] * 40})
     loader = build_train_loader(
         rows,
-        BatchConfig(packing=True),
+        BatchConfig(packing=True, loss_on="all"),
         micro_batch=2,
         max_seq_len=32,
         pad_token_id=0,

@@ -15,11 +15,13 @@ from utils.engine.run_settings import run_settings, settings_changes
 from utils.errors import UserError
 from utils.model.config import LoraConfig
 
+CHAT = ("seed", "chat_template", "system_prompt")  # DataConfig fields settings() takes
+
 
 def settings(micro=2, world=2, accumulation=2, key="k", **changes) -> dict:
     train = TrainConfig(per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation)
     lora = LoraConfig(**{k: v for k, v in changes.items() if k.startswith("lora_")})
-    data = DataConfig(data_path=["rows.jsonl"], **{k: v for k, v in changes.items() if k == "seed"})
+    data = DataConfig(data_path=["rows.jsonl"], **{k: v for k, v in changes.items() if k in CHAT})
     return run_settings(data, BatchConfig(), train, lora, key, world_size=world)
 
 
@@ -64,6 +66,19 @@ def test_the_data_cache_key_speaks_only_when_no_data_flag_explains_it():
     assert change == "--seed 1 in the checkpoint, 2 now: pass --seed 1"
     (change,) = settings_changes(settings(), settings(key="other"))
     assert change.startswith("the training data changed (tokenised-data cache key k in the")
+
+
+def test_a_changed_chat_template_or_system_prompt_is_named():
+    saved = settings(chat_template="t.jinja")
+    (change,) = settings_changes(saved, settings(key="other"))
+    assert (
+        change
+        == "--chat_template t.jinja in the checkpoint, dschat now: pass --chat_template t.jinja"
+    )
+    (change,) = settings_changes(saved, settings(chat_template="t.jinja", system_prompt="Hi."))
+    assert change.startswith(
+        "--system_prompt unset in the checkpoint, Hi. now: leave out --system_prompt"
+    )
 
 
 def test_a_bf16_zero0_checkpoint_stays_on_its_number_of_ranks():

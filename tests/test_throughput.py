@@ -43,7 +43,7 @@ def test_flop_shape_counts_tied_head_once_and_skips_frozen(tiny_tokenizer):
 def test_meter_counts_real_and_padded_tokens_across_steps():
     shape = FlopShape(params=100, trainable=100, layers=1, hidden=4)
     meter = ThroughputMeter(shape, peak_tflops=None, device=torch.device("cpu"), world_size=1)
-    rows = [{"input_ids": [5] * n, "prompt_len": 1} for n in (3, 10)]
+    rows = [{"input_ids": [5] * n, "loss_spans": [[1, n]]} for n in (3, 10)]
     for _ in range(2):
         meter.add_batch(collate(rows, pad_token_id=1, loss_on="all", pad_to=32))
         meter.end_step()

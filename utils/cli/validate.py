@@ -18,6 +18,8 @@ import torch
 
 from utils.config import Config
 from utils.data.build import check_data_config
+from utils.data.chat import load_chat_template
+from utils.data.config import DSCHAT, DataConfig
 from utils.data.packing import packing_problems
 from utils.engine.checkpoint import checkpoint_problems
 from utils.engine.ds_config import EngineSetup, build_ds_config, setup_problems
@@ -98,9 +100,11 @@ def flag_problems(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]
             problems += folder_problems("--tensorboard_path", cfg.observe.tensorboard_path)
     if not cfg.planner.estimate_memory:
         problems += folder_problems("--data_output_path", cfg.data.data_output_path)
-    problems += _model_problems(
-        cfg.model, cfg.data.max_seq_len, cfg.batch.packing, files=not cfg.planner.estimate_memory
-    )
+    files = not cfg.planner.estimate_memory
+    model_problems = _model_problems(cfg.model, cfg.data.max_seq_len, cfg.batch.packing, files)
+    problems += model_problems
+    if files and not model_problems:  # the template is checked with the tokenizer it needs
+        problems += _chat_template_problems(cfg.model, cfg.data)
     problems += checkpoint_problems(cfg.checkpoint)
     if cfg.batch.packing and cfg.batch.pad_to_max_len:
         problems.append("--packing and --pad_to_max_len exclude each other; choose one.")
@@ -204,3 +208,22 @@ def _model_problems(model: ModelConfig, max_seq_len: int, packing: bool, files: 
             f"use --max_seq_len {limit} or less."
         ]
     return problems
+
+
+def _chat_template_problems(model: ModelConfig, data: DataConfig) -> list[str]:
+    """A --chat_template that cannot be used (none in the tokenizer, a file that does not
+    parse, an end-of-turn token the tokenizer splits), found before any data work."""
+    if data.chat_template == DSCHAT:
+        return []
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model.tokenizer_path, trust_remote_code=model.trust_remote_code
+        )
+        load_chat_template(data.chat_template, tokenizer)
+    except UserError as err:
+        return [str(err)]
+    except (OSError, ValueError) as err:
+        return [f"{model.tokenizer_path!r}: cannot load its tokenizer ({err})"]
+    return []

@@ -24,7 +24,16 @@ from utils.engine.config import TrainConfig
 from utils.model.config import LoraConfig
 
 GEOMETRY = ("per_device_train_batch_size", "world_size", "gradient_accumulation_steps")
-DATA = ("data_path", "sft_only_data_path", "data_split", "seed", "max_seq_len", "eot_token")
+DATA = (
+    "data_path",
+    "sft_only_data_path",
+    "data_split",
+    "seed",
+    "max_seq_len",
+    "eot_token",
+    "chat_template",
+    "system_prompt",
+)
 DATA_KEY = "data_cache_key"
 LORA_ONLY = ("lora_module_name", "lora_learning_rate")  # unused without LoRA
 
@@ -45,6 +54,8 @@ def run_settings(
         "seed": data.seed,
         "max_seq_len": data.max_seq_len,
         "eot_token": data.eot_token,
+        "chat_template": data.chat_template,
+        "system_prompt": data.system_prompt,
         DATA_KEY: data_key,
         "per_device_train_batch_size": train.per_device_train_batch_size,
         "world_size": world_size,
@@ -82,8 +93,9 @@ def settings_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     if saved.get(DATA_KEY) != current.get(DATA_KEY) and not data_named:
         changes.append(
             f"the training data changed (tokenised-data cache key {saved.get(DATA_KEY)} in the "
-            f"checkpoint, {current.get(DATA_KEY)} now): the contents of a --data_path source or "
-            "the tokenizer differ; resume with the data and tokenizer the run was trained on"
+            f"checkpoint, {current.get(DATA_KEY)} now): the contents of a --data_path source, "
+            "the tokenizer or the --chat_template file differ; resume with the data, tokenizer "
+            "and template the run was trained on"
         )
     return changes + _global_batch_changes(saved, current)
 

@@ -173,9 +173,18 @@ def build_generate_kwargs(cfg: DecodingConfig, tokenizer, eot_token: str) -> dic
 
 
 def generate_answers(
-    model: PreTrainedModel, tokenizer, prompts: list[str], cfg: DecodingConfig, eot_token: str
+    model: PreTrainedModel,
+    tokenizer,
+    prompts: list[str],
+    cfg: DecodingConfig,
+    eot_token: str,
+    add_special_tokens: bool = True,
 ) -> list[list[str]]:
-    """For each prompt, its `num_return_sequences` answers (text after the prompt, cut at eot)."""
+    """For each prompt, its `num_return_sequences` answers (text after the prompt, cut at eot).
+
+    Prompts rendered by a chat template already hold their special tokens (BOS included):
+    pass add_special_tokens=False, as transformers' apply_chat_template does.
+    """
     set_seed(cfg.seed)
     kwargs = build_generate_kwargs(cfg, tokenizer, eot_token)
     answers: list[list[str]] = []
@@ -185,6 +194,7 @@ def generate_answers(
             return_tensors="pt",
             padding=True,
             return_token_type_ids=False,
+            add_special_tokens=add_special_tokens,
         ).to(model.device)
         try:
             with torch.no_grad():

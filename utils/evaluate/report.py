@@ -20,6 +20,7 @@ def build_report(
     prompts: list[str],
     answers: dict[str, list[list[str]]],
     perplexity: dict[str, object] | None,
+    prompt_format: str | None = None,
 ) -> dict:
     """A plain dict (the JSON form): header fields and one row per prompt with both answers.
 
@@ -35,6 +36,7 @@ def build_report(
         "decoding": decoding,
         "runtime": runtime,
         "perplexity": perplexity,
+        "prompt_format": prompt_format,
         "rows": rows,
     }
 
@@ -95,6 +97,8 @@ def _header_lines(report: dict) -> list[str]:
         "decoding: " + ", ".join(f"{k}={v}" for k, v in report["decoding"].items()),
         "runtime: " + ", ".join(f"{k}={v}" for k, v in report["runtime"].items()),
     ]
+    if report.get("prompt_format"):
+        lines.append(f"prompts: {report['prompt_format']}")
     if ppl:
         lines.append(
             f"perplexity on {ppl['rows']} rows of {' '.join(ppl['data_path'])} "
