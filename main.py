@@ -19,11 +19,13 @@ from transformers import set_seed
 
 from utils.cli.failures import explain_failures, quiet_library_noise
 from utils.cli.parse import parse_args
-from utils.cli.summary import print_run_summary
+from utils.cli.summary import count_tokens, print_run_summary
 from utils.cli.validate import validate
 from utils.config import Config
 from utils.data.build import build_sft_data
+from utils.data.chat import ChatTemplate, load_chat_template
 from utils.data.common import SFTData
+from utils.data.labels import check_trained_tokens
 from utils.data.loaders import build_eval_loader, build_train_loader
 from utils.distributed import (
     DistInfo,
@@ -39,12 +41,15 @@ from utils.engine.loop import TrainLoop, train
 from utils.engine.optim import build_optimizer, build_param_groups, build_scheduler
 from utils.engine.precision import TORCH_DTYPES
 from utils.engine.preemption import PREEMPTED_EXIT
+from utils.engine.run_settings import run_settings
 from utils.errors import UserError
 from utils.model.attention import uses_flat_packs
 from utils.model.load import build_model, count_parameters, load_tokenizer
 from utils.model.lora import apply_lora
 from utils.model.loss import LossPath, choose_loss_path
-from utils.model.save import save_hf_model, save_lora_adapter
+from utils.model.publish import recover_interrupted_save
+from utils.model.save import check_disk_space, save_hf_model
+from utils.model.serving import carry_chat_template
 from utils.model.verify import verify_saved_model
 from utils.observe.progress import build_monitor
 from utils.observe.throughput import build_meter
@@ -59,27 +64,34 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.planner.estimate_memory:  # from the model's config alone: no data, no weights
             print_rank_0(memory_plan_report(cfg, setup))
             return 0
-        dist = init_distributed(cfg.engine.local_rank)
+        dist = init_distributed(cfg.engine.local_rank, cfg.engine.dist_timeout_minutes)
         set_seed(cfg.data.seed)
         tokenizer = load_tokenizer(cfg.model, cfg.data.added_token)
-        with rank_zero_first():  # rank 0 tokenises and caches; the others then read the cache
+        template = load_chat_template(cfg.data.chat_template, tokenizer)  # None: dschat
+        with rank_zero_first("build the data cache"):  # the others then read the cache
             data = build_sft_data(cfg.data, tokenizer)
+        check_trained_tokens(data, cfg.batch.loss_on, cfg.data.max_seq_len)
         train_loader, eval_loader = build_loaders(cfg, data, tokenizer, dist, setup)
         plan = build_step_plan(cfg, train_loader)
         if cfg.train.dry_run:
             return dry_run(cfg, tokenizer, data, setup, plan, dist)
+        prepare_output_dir(cfg.train.output_dir, dist)
+        # Before the model loads: a checkpoint this run cannot continue is refused cheaply.
+        checkpointer = build_checkpointer(
+            cfg.checkpoint, cfg.train.output_dir, recorded_settings(cfg, data, dist), dist
+        )
         model = build_model(cfg.model, tokenizer, setup.config, attention=setup.attention)
         model = apply_lora(model, cfg.lora)
+        check_disk_space(model, cfg.train.output_dir, "Nothing has been trained yet.")
         loss = choose_loss(cfg, model, setup, dist)
         print_run_summary(cfg, data, count_parameters(model), setup, plan, loss)
-        checkpointer = build_checkpointer(cfg.checkpoint, cfg.train.output_dir, model, setup, dist)
-        engine = build_engine(cfg, model, setup, plan)
+        engine = build_engine(cfg, model, checkpointer.engine_setup(model, setup), plan)
         checkpointer.resume(engine)
         loop = build_loop(cfg, engine, train_loader, eval_loader, dist, plan, checkpointer, loss)
         train(loop, cfg.train)
         if checkpointer.preempted:
             return PREEMPTED_EXIT
-        save_model(cfg, engine, tokenizer, eval_loader, dist)
+        save_model(cfg, engine, tokenizer, template, eval_loader, dist, checkpointer)
         return 0
     except UserError as err:  # a mistake the user can fix: one message, no traceback
         print(f"error: {err}", file=sys.stderr, flush=True)
@@ -135,6 +147,13 @@ def choose_loss(cfg: Config, model, setup: EngineSetup, dist: DistInfo) -> LossP
     )
 
 
+def recorded_settings(cfg: Config, data: SFTData, dist: DistInfo) -> dict:
+    """What decides this run's data, order and schedule (checkpoints record it)."""
+    return run_settings(
+        cfg.data, cfg.batch, cfg.train, cfg.lora, data.cache_key, world_size=dist.world_size
+    )
+
+
 def build_engine(cfg: Config, model, setup: EngineSetup, plan: StepPlan):
     """The DeepSpeed engine around the model, its optimizer and LR schedule."""
     optimizer = build_optimizer(
@@ -175,12 +194,33 @@ def build_loop(
     )
 
 
-def save_model(cfg: Config, engine, tokenizer, eval_loader, dist: DistInfo) -> None:
-    """Write the Hugging Face folder (and the LoRA adapter if asked), then prove it reloads."""
+def prepare_output_dir(output_dir: str, dist: DistInfo) -> None:
+    """Complete the save of an earlier run killed while publishing its model, and delete
+    the unpublished folders of killed saves, before this run writes anything there."""
+    with rank_zero_first(f"recover {output_dir}"):
+        if dist.is_main and (note := recover_interrupted_save(output_dir)):
+            print_rank_0(note)
+
+
+def save_model(
+    cfg: Config,
+    engine,
+    tokenizer,
+    template: ChatTemplate | None,
+    eval_loader,
+    dist: DistInfo,
+    checkpointer,
+) -> None:
+    """Write the Hugging Face folder (and the LoRA adapter if asked), then prove it reloads.
+
+    With a chat template the folder carries it, and generation stops at its end of turn.
+    """
     output_dir, zero_stage = cfg.train.output_dir, engine.zero_optimization_stage()
-    save_hf_model(engine.module, tokenizer, output_dir, zero_stage)
-    if cfg.lora.save_lora_adapter:
-        save_lora_adapter(engine.module, output_dir, zero_stage)
+    carry_chat_template(engine.module, tokenizer, template)
+    advice = checkpointer.advice_after_failed_save(engine.global_steps)
+    save_hf_model(
+        engine.module, tokenizer, output_dir, zero_stage, cfg.lora.save_lora_adapter, advice
+    )
     print_rank_0(f"saved the fine-tuned model to {output_dir}")
     verify_saved_model(engine, output_dir, eval_loader, dist, cfg.model.trust_remote_code)
 
@@ -198,9 +238,18 @@ def dry_run(
         "train_rows": len(data.train),
         "eval_rows": len(data.eval),
         "train_tokens": data.train_tokens,
+        "chat_template": cfg.data.chat_template,
+        "loss_on": cfg.batch.loss_on,
+        "trained_token_share": round(count_tokens(data, cfg.batch.loss_on)[1], 4),
         "optimizer_steps": plan.total_steps,
         "sources": [
-            {"name": s.name, "train_rows": s.train_rows, "eval_rows": s.eval_rows}
+            {
+                "name": s.name,
+                "train_rows": s.train_rows,
+                "eval_rows": s.eval_rows,
+                "skipped_rows": s.skipped_rows,
+                "skip_reasons": s.skip_reasons,
+            }
             for s in data.sources
         ],
         "parameters": total,

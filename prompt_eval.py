@@ -10,12 +10,16 @@ printed side by side and, with --output, saved as Markdown or JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
 from transformers.utils import logging as hf_logging
 
-from utils.errors import UserError
+from utils.data.build import chat_flag_problems
+from utils.data.chat import ChatTemplate, load_chat_template
+from utils.data.config import DSCHAT
+from utils.errors import ConfigError, UserError, format_problems
 from utils.evaluate.config import ROLES, PromptEvalConfig, parse_args, validate
 from utils.evaluate.generation import (
     describe_tokenizer_mismatch,
@@ -25,28 +29,38 @@ from utils.evaluate.generation import (
     select_device_dtype,
 )
 from utils.evaluate.perplexity import compute_perplexity, load_eval_rows
-from utils.evaluate.prompts import PROMPT_SETS, load_prompts
+from utils.evaluate.prompts import QUESTIONS, describe_prompt, read_prompts, render_prompts
 from utils.evaluate.report import build_report, format_console, save_report
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     validate(cfg)
-    prompts = load_prompts(cfg.prompts_path) if cfg.prompts_path else PROMPT_SETS[cfg.language]
+    prompts = read_prompts(cfg.prompts_path) if cfg.prompts_path else QUESTIONS[cfg.language]
     tokenizers = load_tokenizers(cfg)
+    cfg, templates = load_templates(cfg, tokenizers)
+    # Rendered before any model loads: a prompt the format cannot write fails fast.
+    texts = {
+        role: render_prompts(prompts, tokenizers[role], templates[role], cfg.system_prompt)
+        for role in cfg.models
+    }
     device, dtype = select_device_dtype()
     # One model in memory at a time: two large checkpoints need not fit together.
     results = {
-        role: evaluate_model(cfg, role, tokenizers[role], prompts, device, dtype)
+        role: evaluate_model(
+            cfg, role, tokenizers[role], templates[role], texts[role], device, dtype
+        )
         for role in cfg.models
     }
+    finetune_template = templates["finetune"]
     report = build_report(
         models=cfg.models,
         decoding=cfg.decoding.settings(),
         runtime={"device": str(device), "dtype": str(dtype).removeprefix("torch.")},
-        prompts=prompts,
+        prompts=[describe_prompt(p) for p in prompts] if finetune_template else texts["finetune"],
         answers={role: answers for role, (answers, _) in results.items()},
         perplexity=summarize_perplexity(cfg, {role: ppl for role, (_, ppl) in results.items()}),
+        prompt_format=describe_prompt_format(cfg, finetune_template),
     )
     print(format_console(report))
     if cfg.output:
@@ -74,23 +88,78 @@ def load_tokenizers(cfg: PromptEvalConfig) -> dict:
     return tokenizers
 
 
+def load_templates(
+    cfg: PromptEvalConfig, tokenizers: dict
+) -> tuple[PromptEvalConfig, dict[str, ChatTemplate | None]]:
+    """The chat template both models are prompted (and scored) through, checked against each
+    tokenizer; cfg comes back with --chat_template resolved.
+
+    Default: the fine-tuned folder's own template (main.py saves the one it trained with),
+    else DeepSpeed-Chat's frame. The baseline is prompted the same way, so the comparison
+    shows what fine-tuning changed, not a change of format.
+    """
+    spec = cfg.chat_template
+    if spec is None:
+        spec = "model" if tokenizers["finetune"].chat_template else DSCHAT
+    cfg = dataclasses.replace(cfg, chat_template=spec)
+    if problems := chat_flag_problems(cfg.eval_data()):
+        raise ConfigError(format_problems(problems))
+    templates: dict[str, ChatTemplate | None] = {}
+    for role in ("finetune", "baseline"):
+        if spec == "model" and role == "baseline" and templates["finetune"]:
+            tokenizers[role].chat_template = templates["finetune"].text
+        try:
+            templates[role] = load_chat_template(spec, tokenizers[role])
+        except UserError as error:
+            raise UserError(f"{ROLES[role]}: {error}") from None
+    return cfg, templates
+
+
+def describe_prompt_format(cfg: PromptEvalConfig, template: ChatTemplate | None) -> str:
+    """The report's line on how prompts were written and where answers stop."""
+    if template is None:
+        return f"dschat (' Human: … Assistant:'), answers stop at {cfg.eot_token!r} or EOS"
+    source = "the fine-tuned model's own" if template.source == "model" else template.source
+    stop = f"{template.end_of_turn!r} or EOS" if template.end_of_turn else "EOS"
+    system = f", system prompt {cfg.system_prompt!r}" if cfg.system_prompt else ""
+    return f"chat template {source}{system}, answers stop at {stop}"
+
+
 def evaluate_model(
-    cfg: PromptEvalConfig, role: str, tokenizer, prompts: list[str], device, dtype
+    cfg: PromptEvalConfig,
+    role: str,
+    tokenizer,
+    template: ChatTemplate | None,
+    prompts: list[str],
+    device,
+    dtype,
 ) -> tuple[list[list[str]], tuple[float, int] | None]:
-    """One model's answers to `prompts` and, with --eval_data_path, its perplexity."""
+    """One model's answers to `prompts` (rendered texts) and, with --eval_data_path, its
+    perplexity."""
     path = cfg.models[role]
     print(f"evaluating {role}: {path} ({device}, {dtype})", file=sys.stderr)
     model = load_eval_model(path, tokenizer, device, dtype, cfg.decoding.trust_remote_code)
-    answers = generate_answers(model, tokenizer, prompts, cfg.decoding, cfg.eot_token)
+    if template is None:
+        answers = generate_answers(model, tokenizer, prompts, cfg.decoding, cfg.eot_token)
+    else:  # the template wrote the special tokens; the reply ends at its end-of-turn token
+        stop = template.end_of_turn or tokenizer.eos_token
+        answers = generate_answers(
+            model, tokenizer, prompts, cfg.decoding, stop, add_special_tokens=False
+        )
     perplexity = evaluate_perplexity(model, tokenizer, cfg) if cfg.eval_data_path else None
     return answers, perplexity
 
 
 def evaluate_perplexity(model, tokenizer, cfg: PromptEvalConfig) -> tuple[float, int]:
-    """Perplexity of `model` on --eval_data_path's evaluation rows, and how many rows."""
+    """Perplexity of `model` on --eval_data_path's evaluation rows, and how many rows: the
+    rows and labels come from training's data code, through the same template."""
     rows = load_eval_rows(cfg.eval_data(), tokenizer, cfg.max_eval_rows)
     ppl = compute_perplexity(
-        model, rows, tokenizer.pad_token_id, loss_on=cfg.loss_on, batch_size=cfg.decoding.batch_size
+        model,
+        rows,
+        tokenizer.pad_token_id,
+        loss_on=cfg.effective_loss_on,
+        batch_size=cfg.decoding.batch_size,
     )
     return ppl, len(rows)
 
@@ -103,7 +172,7 @@ def summarize_perplexity(
         return None
     return {
         "data_path": cfg.eval_data_path,
-        "loss_on": cfg.loss_on,
+        "loss_on": cfg.effective_loss_on,
         "rows": scores["baseline"][1],
         **{role: score for role, (score, _) in scores.items()},
     }

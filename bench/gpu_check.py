@@ -108,7 +108,8 @@ def dialogue_lengths(args: argparse.Namespace) -> list[int]:
 def build_dataset(lengths: list[int], vocab: int, seed: int) -> Dataset:
     gen = torch.Generator().manual_seed(seed)
     ids = [torch.randint(4, vocab, (n,), generator=gen).tolist() for n in lengths]
-    return Dataset.from_dict({"input_ids": ids, "prompt_len": [n // 3 for n in lengths]})
+    spans = [[[n // 3, n]] for n in lengths]  # the last two thirds are the "response"
+    return Dataset.from_dict({"input_ids": ids, "loss_spans": spans})
 
 
 def run_one(name: str, args, dataset, device: torch.device, dtype: str) -> dict | None:
@@ -134,10 +135,10 @@ def run_one(name: str, args, dataset, device: torch.device, dtype: str) -> dict 
     }
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     batch_cfg = {
-        "pad": BatchConfig(pad_to_max_len=True),
-        "packing": BatchConfig(packing=True),
-        "varlen": BatchConfig(packing=True),
-    }.get(name, BatchConfig())
+        "pad": BatchConfig(pad_to_max_len=True, loss_on="all"),
+        "packing": BatchConfig(packing=True, loss_on="all"),
+        "varlen": BatchConfig(packing=True, loss_on="all"),
+    }.get(name, BatchConfig(loss_on="all"))
     loader = build_train_loader(
         dataset, batch_cfg, micro_batch=8, max_seq_len=args.max_seq_len, pad_token_id=PAD,
         seed=args.seed, rank=0, world_size=1, mask_dtype=TORCH_DTYPES[dtype],

@@ -58,7 +58,7 @@ from utils.distributed import init_distributed
 from utils.engine.accumulation import DataPosition, StepPlan
 from utils.engine.checkpoint import build_checkpointer
 from utils.engine.config import CheckpointConfig, EngineConfig, TrainConfig
-from utils.engine.ds_config import EngineSetup, build_ds_config
+from utils.engine.ds_config import build_ds_config
 from utils.engine.loop import EvalResult, TrainLoop, evaluate, train
 from utils.engine.precision import TORCH_DTYPES, cpu_bf16_capability
 from utils.model.loss import choose_loss_path
@@ -67,14 +67,31 @@ from utils.observe.progress import RunMonitor
 from utils.observe.throughput import ThroughputMeter, build_flop_shape
 
 VARIANTS = {
-    "R": ("bare DeepSpeed loop, pad to max length", BatchConfig(pad_to_max_len=True), "fp32"),
-    "A": ("pad to max length (DeepSpeed-Chat)", BatchConfig(pad_to_max_len=True), "fp32"),
-    "A-plain": ("pad to max length, plain loss", BatchConfig(pad_to_max_len=True), "fp32"),
-    "B": ("default: length-grouped, pad to longest", BatchConfig(), "fp32"),
-    "C": ("packing", BatchConfig(packing=True), "fp32"),
-    "B-bf16": ("default, bf16", BatchConfig(), "bf16"),
-    "A-compile": ("pad to max length, torch.compile", BatchConfig(pad_to_max_len=True), "fp32"),
-    "B-compile": ("default, torch.compile", BatchConfig(), "fp32"),
+    # loss_on "all": DeepSpeed-Chat's loss, as the bare loop (R) computes it.
+    "R": (
+        "bare DeepSpeed loop, pad to max length",
+        BatchConfig(pad_to_max_len=True, loss_on="all"),
+        "fp32",
+    ),
+    "A": (
+        "pad to max length (DeepSpeed-Chat)",
+        BatchConfig(pad_to_max_len=True, loss_on="all"),
+        "fp32",
+    ),
+    "A-plain": (
+        "pad to max length, plain loss",
+        BatchConfig(pad_to_max_len=True, loss_on="all"),
+        "fp32",
+    ),
+    "B": ("default: length-grouped, pad to longest", BatchConfig(loss_on="all"), "fp32"),
+    "C": ("packing", BatchConfig(packing=True, loss_on="all"), "fp32"),
+    "B-bf16": ("default, bf16", BatchConfig(loss_on="all"), "bf16"),
+    "A-compile": (
+        "pad to max length, torch.compile",
+        BatchConfig(pad_to_max_len=True, loss_on="all"),
+        "fp32",
+    ),
+    "B-compile": ("default, torch.compile", BatchConfig(loss_on="all"), "fp32"),
 }
 PAD = 0  # after shrink_vocab
 
@@ -155,9 +172,8 @@ def start_run(name: str, train_rows, args, dist, work: str) -> Run:
     run.loss = choose_loss_path(
         model, setting, zero_stage=0, device_type=dist.device.type, fp32=False, compiled=compiled
     )
-    setup = EngineSetup(config=ds_config, world_size=1, dtype_reason=dtype)
     folder = os.path.join(work, name)
-    run.checkpointer = build_checkpointer(CheckpointConfig(), folder, model, setup, dist)
+    run.checkpointer = build_checkpointer(CheckpointConfig(), folder, {}, dist)
     return run
 
 
@@ -214,7 +230,8 @@ def skip_evaluation(loop, epoch: int, label: str) -> EvalResult:
 def loop_steps(run: Run, steps: int, args, dist, eval_small) -> tuple[float, float, int, int]:
     """The loop from where the last slice stopped (as a resume would), timed around `train`
     with its evaluations stubbed out; tokens counted by its own meter."""
-    run.checkpointer.start = DataPosition(0, run.done)
+    # Every micro-batch before the last is full: `done` of them are done * batch rows in.
+    run.checkpointer.start = DataPosition(0, run.done * args.batch, args.batch)
     meter = ThroughputMeter(build_flop_shape(run.engine.module, False), None, dist.device, 1)
     total = run.done + steps
     plan = StepPlan(micro_batches_per_epoch=run.steps, accumulation=1, epochs=1, max_steps=total)
@@ -290,7 +307,7 @@ def main() -> None:
         # train() evaluates after every slice (not timed): a few rows keep that short.
         geometry = {"pad_token_id": PAD, "rank": 0, "world_size": 1}
         eval_small = build_eval_loader(
-            eval_.select(range(min(8, len(eval_)))), BatchConfig(), micro_batch=args.batch,
+            eval_.select(range(min(8, len(eval_)))), BatchConfig(loss_on="all"), micro_batch=args.batch,
             **geometry,
         )  # fmt: skip
         for r in range(args.rounds):
@@ -299,7 +316,7 @@ def main() -> None:
                 train_slice(
                     run, (r + 1) * run.steps // args.rounds - run.done, args, dist, eval_small
                 )
-        eval_loader = build_eval_loader(eval_, BatchConfig(), micro_batch=args.batch, **geometry)
+        eval_loader = build_eval_loader(eval_, BatchConfig(loss_on="all"), micro_batch=args.batch, **geometry)
         reference = choose_loss_path(
             runs[0].engine.module, "off", zero_stage=0, device_type=dist.device.type,
             fp32=False, compiled=False,

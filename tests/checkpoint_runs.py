@@ -31,9 +31,9 @@ STEP_LINE = re.compile(r"step (\d+)/\d+ loss (\S+)")
 RESUMED = re.compile(r"resumed from \S*checkpoint-(\d+)")
 
 
-def write_data(path: Path) -> Path:
-    """34 train and 4 eval rows of (prompt, chosen) jsonl."""
-    for name, count in (("train", 34), ("eval", 4)):
+def write_data(path: Path, train_rows: int = 34) -> Path:
+    """34 (or `train_rows`) train and 4 eval rows of (prompt, chosen) jsonl."""
+    for name, count in (("train", train_rows), ("eval", 4)):
         with open(path / f"{name}.jsonl", "w") as f:
             for i in range(count):
                 row = {

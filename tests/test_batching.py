@@ -33,7 +33,10 @@ def train_loader(dataset, batch_cfg, micro_batch, max_seq_len, rank=0, world_siz
 
 def rows_of(lengths: list[int], prompt_len: int = 3) -> list[dict]:
     return [
-        {"input_ids": [(7 * i + j) % 90 + 4 for j in range(n)], "prompt_len": prompt_len}
+        {
+            "input_ids": [(7 * i + j) % 90 + 4 for j in range(n)],
+            "loss_spans": [[min(prompt_len, n), n]],
+        }
         for i, n in enumerate(lengths)
     ]
 
@@ -53,7 +56,7 @@ def test_pad_to_max_len_keeps_deepspeed_chat_width():
 
 
 def test_loss_on_response_masks_exactly_the_prompt():
-    row = {"input_ids": [10, 11, 12, 13, 14], "prompt_len": 2}
+    row = {"input_ids": [10, 11, 12, 13, 14], "loss_spans": [[2, 5]]}
     everything = collate([row], pad_token_id=PAD, loss_on="all")["labels"][0].tolist()
     response = collate([row], pad_token_id=PAD, loss_on="response")["labels"][0].tolist()
     ignore = [IGNORE_INDEX] * 3  # padding to 8
@@ -106,7 +109,7 @@ def test_rank_without_rows_gets_a_zero_weight_filler():
     ranks = [LengthGroupedSampler([5] * 9, 4, rank, 2, seed=0) for rank in (0, 1)]
     assert [FILLER] in list(ranks[1]) or [FILLER] in list(ranks[0])
     dataset = Dataset.from_list(rows_of([5] * 9))
-    loader = train_loader(dataset, BatchConfig(), 4, 64, rank=1, world_size=2)
+    loader = train_loader(dataset, BatchConfig(loss_on="all"), 4, 64, rank=1, world_size=2)
     batches = list(loader)
     filler = [b for b in batches if len(b["seq_lens"]) == 0]
     assert len(filler) == 1 and (filler[0]["labels"] == IGNORE_INDEX).all()
@@ -129,8 +132,8 @@ def test_length_grouping_removes_most_padding_and_stays_random():
 
 def test_train_loader_default_and_pad_to_max():
     dataset = Dataset.from_list(rows_of([3, 30, 6, 9, 40, 2, 17]))
-    grouped = list(train_loader(dataset, BatchConfig(), 2, 64))
-    fixed = list(train_loader(dataset, BatchConfig(pad_to_max_len=True), 2, 64))
+    grouped = list(train_loader(dataset, BatchConfig(loss_on="all"), 2, 64))
+    fixed = list(train_loader(dataset, BatchConfig(pad_to_max_len=True, loss_on="all"), 2, 64))
     assert sorted(n for b in grouped for n in b["seq_lens"].tolist()) == [2, 3, 6, 9, 17, 30, 40]
     assert all(b["input_ids"].shape[1] == 64 for b in fixed)
     assert sum(b["input_ids"].numel() for b in grouped) < sum(b["input_ids"].numel() for b in fixed)
@@ -142,7 +145,12 @@ def test_eval_loader_covers_each_row_once_across_ranks():
         n
         for rank in (0, 1)
         for b in build_eval_loader(
-            dataset, BatchConfig(), micro_batch=2, pad_token_id=PAD, rank=rank, world_size=2
+            dataset,
+            BatchConfig(loss_on="all"),
+            micro_batch=2,
+            pad_token_id=PAD,
+            rank=rank,
+            world_size=2,
         )
         for n in b["seq_lens"].tolist()
     ]

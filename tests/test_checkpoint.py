@@ -35,11 +35,29 @@ from checkpoint_runs import (
     write_data,
 )
 
+from utils.cli.parse import parse_args
 from utils.data.config import BatchConfig
+from utils.distributed import DistInfo
 from utils.engine import preemption
-from utils.engine.checkpoint import LATEST, published_checkpoints
-from utils.engine.checkpoint_checks import RUN_STATE, RunShape, check_resumable
+from utils.engine.accumulation import DataPosition
+from utils.engine.checkpoint import (
+    LATEST,
+    Checkpointer,
+    build_checkpointer,
+    prune_checkpoints,
+    published_checkpoints,
+)
+from utils.engine.checkpoint_checks import (
+    RUN_STATE,
+    RunShape,
+    check_files,
+    check_model,
+    read_run_state,
+)
+from utils.engine.elastic_position import start_epoch
 from utils.engine.preemption import PREEMPTED_EXIT, install_preemption_handlers, stop_requested
+from utils.engine.resume import load_checkpoint
+from utils.engine.run_settings import run_settings
 from utils.errors import UserError
 
 
@@ -164,33 +182,182 @@ def test_resuming_with_another_model_shape_is_refused(saved_checkpoint):
         **shape.param_shapes,
         name: [shape.param_shapes[name][0] + 8, *shape.param_shapes[name][1:]],
     }
+    state = read_run_state(str(path))
     with pytest.raises(
         UserError, match=rf"different model: {re.escape(name)} is .*--model_name_or_path"
     ):
-        check_resumable(str(path), RunShape(shape.world_size, shape.zero_stage, other))
-
-
-def test_resuming_at_another_zero_stage_is_refused(saved_checkpoint):
-    path, shape = saved_checkpoint
-    with pytest.raises(
-        UserError, match=r"ZeRO stage 0, this run uses stage 3.*--zero_stage 0.*ds_to_universal"
-    ):
-        check_resumable(str(path), RunShape(shape.world_size, 3, shape.param_shapes))
-
-
-def test_resuming_with_another_world_size_is_refused(saved_checkpoint):
-    path, shape = saved_checkpoint
-    with pytest.raises(
-        UserError, match=r"written by 1 ranks, this run has 4.*--num_gpus 1.*ds_to_universal"
-    ):
-        check_resumable(str(path), RunShape(4, shape.zero_stage, shape.param_shapes))
+        check_model(str(path), state, RunShape(shape.world_size, shape.zero_stage, other))
 
 
 def test_a_checkpoint_missing_a_rank_file_is_refused(saved_checkpoint):
-    path, shape = saved_checkpoint
+    path, _ = saved_checkpoint
     (path / "mp_rank_00_model_states.pt").unlink()
     with pytest.raises(UserError, match=r"incomplete: mp_rank_00_model_states.pt missing"):
-        check_resumable(str(path), shape)
+        check_files(str(path), read_run_state(str(path)))
+
+
+def vet(data_dir: Path, out: Path, *flags: str, data_key: str) -> Checkpointer:
+    """build_checkpointer, as main.py calls it before the model loads, for the checkpoint
+    tests' command line plus `flags` (`data_key`: the data as built for this command)."""
+    cfg = parse_args(main_command("model", data_dir, out, *flags)[2:])
+    settings = run_settings(cfg.data, cfg.batch, cfg.train, cfg.lora, data_key, world_size=1)
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return build_checkpointer(cfg.checkpoint, cfg.train.output_dir, settings, dist)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize(
+    ("flags", "changes"),
+    [
+        (
+            ["--per_device_train_batch_size", "4"],
+            [
+                "global batch (--per_device_train_batch_size x ranks x "
+                "--gradient_accumulation_steps) 2 x 1 x 2 = 4 in the checkpoint, 4 x 1 x 2 = 8 "
+                "now: keep it with --per_device_train_batch_size 2 --gradient_accumulation_steps 2 "
+                "on 1 rank"
+            ],
+        ),
+        (["--seed", "42"], ["--seed 1234 in the checkpoint, 42 now: pass --seed 1234"]),
+        (
+            ["--learning_rate", "1e-3"],
+            ["--learning_rate 0.003 in the checkpoint, 0.001 now: pass --learning_rate 0.003"],
+        ),
+        (
+            ["--num_train_epochs", "3"],
+            ["--num_train_epochs 2 in the checkpoint, 3 now: pass --num_train_epochs 2"],
+        ),
+        (
+            ["--packing", "--max_steps", "5", "--lr_scheduler_type", "linear"],
+            [
+                "--max_steps unset in the checkpoint, 5 now: leave out --max_steps",
+                "--lr_scheduler_type cosine in the checkpoint, linear now: pass "
+                "--lr_scheduler_type cosine",
+                "--packing off in the checkpoint, on now: leave out --packing",
+            ],
+        ),
+    ],
+    ids=["batch", "seed", "learning-rate", "epochs", "several"],
+)
+def test_a_resume_that_would_change_the_run_is_refused_with_each_change(
+    saved_checkpoint, data_dir, flags, changes
+):
+    path, _ = saved_checkpoint
+    key = read_run_state(str(path))["settings"]["data_cache_key"]
+    with pytest.raises(UserError) as refused:
+        vet(
+            data_dir,
+            path.parent / "out",
+            "--resume_from_checkpoint",
+            str(path),
+            *flags,
+            data_key=key,
+        )
+    lines = str(refused.value).splitlines()
+    assert lines[0].startswith(f"checkpoint {path} was trained with other settings")
+    assert lines[1:-1] == [f"  - {change}" for change in changes]
+
+
+def test_a_resume_may_change_the_shape_and_logging_but_not_the_data(saved_checkpoint, data_dir):
+    path, _ = saved_checkpoint
+    key = read_run_state(str(path))["settings"]["data_cache_key"]
+    free = ["--save_steps", "5", "--save_total_limit", "1", "--enable_tensorboard"]
+    geometry = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1"]
+    resume = ["--resume_from_checkpoint", str(path), "--zero_stage", "2", *free, *geometry]
+    assert vet(data_dir, path.parent / "elsewhere", *resume, data_key=key).resume_from == str(path)
+    with pytest.raises(UserError, match=r"the training data changed \(tokenised-data cache key"):
+        vet(data_dir, path.parent / "elsewhere", *resume, data_key="another")
+
+
+def test_a_damaged_run_state_names_the_file_and_the_checkpoint_before_it(
+    baseline, data_dir, tmp_path
+):
+    out = tmp_path / "out"
+    for step in (15, 18):
+        shutil.copytree(baseline["out"] / f"checkpoint-{step}", out / f"checkpoint-{step}")
+    (out / "checkpoint-18" / RUN_STATE).write_text('{"step": 18, "posi')  # cut off
+    with pytest.raises(UserError) as refused:
+        vet(data_dir, out, "--resume_from_checkpoint", "auto", data_key="")
+    assert str(refused.value).startswith(
+        f"checkpoint file {out}/checkpoint-18/{RUN_STATE} does not parse: "
+    )
+    assert f"resume from an earlier checkpoint: --resume_from_checkpoint {out}/checkpoint-15" in (
+        str(refused.value)
+    )
+
+
+def test_a_truncated_checkpoint_file_ends_with_one_message_and_exit_2(
+    baseline, data_dir, tiny_model_dir, tmp_path
+):
+    out = tmp_path / "out"
+    for step in (15, 18):
+        shutil.copytree(baseline["out"] / f"checkpoint-{step}", out / f"checkpoint-{step}")
+    states = out / "checkpoint-18" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])  # a partial copy
+    command = [*main_command(tiny_model_dir, data_dir, out), "--resume_from_checkpoint", "auto"]
+    done = subprocess.run(
+        command, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    (error,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert error.startswith(f"error: checkpoint file {states} is not a whole torch file")
+    assert error.endswith(
+        f"resume from an earlier checkpoint: --resume_from_checkpoint {out}/checkpoint-15 (or "
+        f"delete {out}/checkpoint-18, and 'auto' picks the newest remaining one)."
+    )
+
+
+def test_a_file_damaged_inside_is_named_when_loading_it_fails(saved_checkpoint):
+    path, _ = saved_checkpoint
+    state = read_run_state(str(path))
+
+    class Engine:  # what DeepSpeed does with a damaged file: torch.load raises
+        def load_checkpoint(self, load_dir, tag):
+            raise RuntimeError("PytorchStreamReader failed reading file data/0")
+
+    with pytest.raises(RuntimeError, match="PytorchStreamReader"):  # no file is damaged: a bug
+        load_checkpoint(Engine(), str(path), state, universal=None)
+    file = path / "mp_rank_00_model_states.pt"
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the tensors
+    file.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=rf"checkpoint file {re.escape(str(file))} fails its"):
+        load_checkpoint(Engine(), str(path), state, universal=None)
+
+
+def test_a_killed_delete_leaves_no_half_checkpoint_and_the_next_start_sweeps_it(
+    tmp_path, data_dir, monkeypatch
+):
+    out = tmp_path / "out"
+    for step in (3, 6, 9):
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        (out / f"checkpoint-{step}" / "weights.pt").write_bytes(b"x" * 10)
+        (out / f"checkpoint-{step}" / RUN_STATE).write_text("{}")
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):
+        if ignore_errors:  # clearing an old leftover, not the delete under test
+            return real_rmtree(path, ignore_errors=True)
+        os.remove(os.path.join(path, "weights.pt"))  # some files go, then the kill comes
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        prune_checkpoints(str(out), keep=2)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [".tmp-checkpoint-3.removing", "checkpoint-6", "checkpoint-9"]
+    assert [step for step, _ in published_checkpoints(out)] == [6, 9]
+
+    (out / ".tmp-checkpoint-12").mkdir()  # a save killed before publishing
+    (out / "latest.tmp").write_text("checkpoint-1")
+    vet(data_dir, out, data_key="")  # any start (no resume, no save yet): rank 0 sweeps
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-6", "checkpoint-9"]
 
 
 def test_an_unpublished_checkpoint_is_refused_on_the_command_line(
@@ -210,14 +377,18 @@ def test_an_unpublished_checkpoint_is_refused_on_the_command_line(
 
 
 @pytest.mark.parametrize(
-    "batch_cfg", [BatchConfig(), BatchConfig(packing=True)], ids=["rows", "packs"]
+    "batch_cfg",
+    [BatchConfig(loss_on="all"), BatchConfig(packing=True, loss_on="all")],
+    ids=["rows", "packs"],
 )
 def test_skipping_consumed_batches_continues_the_epochs_order(tiny_tokenizer, batch_cfg):
     from datasets import Dataset
 
     from utils.data.loaders import build_train_loader
 
-    rows = Dataset.from_list([{"input_ids": [5] * (i % 7 + 2), "prompt_len": 1} for i in range(80)])
+    rows = Dataset.from_list(
+        [{"input_ids": [5] * (i % 7 + 2), "loss_spans": [[1, 2]]} for i in range(80)]
+    )
     loader = build_train_loader(
         rows,
         batch_cfg,
@@ -231,7 +402,8 @@ def test_skipping_consumed_batches_continues_the_epochs_order(tiny_tokenizer, ba
     )
     loader.sampler.set_epoch(4)
     full = [b["input_ids"].tolist() for b in loader]
-    loader.sampler.set_epoch(4, skip=2)
+    rows = sum(len(batch) for batch in loader.sampler.global_batches()[:2])
+    start_epoch(loader.sampler, DataPosition(4, rows_done=rows, order_rows_per_micro_step=6))
     rest = [b["input_ids"].tolist() for b in loader]
     assert len(full) > 3
     assert rest == full[2:]
@@ -260,6 +432,9 @@ class Engine(torch.nn.Module):
 
     def forward(self, **inputs):
         return self.module(**inputs)
+
+    def zero_optimization_stage(self) -> int:
+        return 0
 
 
 def test_a_saved_folder_that_does_not_reproduce_the_model_is_an_error(tmp_path, tiny_model_dir):

@@ -54,8 +54,11 @@ OURS = {
     "--pad_to_max_len",
     "--packing",
     "--loss_on",
+    "--chat_template",
+    "--system_prompt",
     "--loss_averaging",
     "--trust_remote_code",
+    "--tokenizer_name_or_path",
     "--save_lora_adapter",
     "--max_steps",
     "--dry_run",
@@ -70,6 +73,7 @@ OURS = {
     "--chunked_loss",
     "--attn_implementation",
     "--compile",
+    "--dist_timeout_minutes",
 }
 
 

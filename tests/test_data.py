@@ -42,9 +42,10 @@ def config(tmp_path, data_path, **kw):
 
 
 def expected_ids(tok, prompt, response, max_len=10**9):
+    """The row's ids and its one loss span: the response (with eot), after the prompt."""
     p = tok(prompt)["input_ids"]
     ids = p + tok(response + EOT, add_special_tokens=False)["input_ids"]
-    return ids[:max_len], min(len(p), max_len)
+    return ids[:max_len], [[min(len(p), max_len), min(len(ids), max_len)]]
 
 
 def decoded_rows(tok, data):
@@ -55,12 +56,12 @@ def test_rows_are_prompt_tokens_then_response_tokens_then_eot(tmp_path, tiny_tok
     src = make_source(tmp_path / "src", 6, 3)
     data = build_sft_data(config(tmp_path, [src]), tiny_tokenizer)
 
-    assert data.train.column_names == ["input_ids", "prompt_len"]
+    assert data.train.column_names == ["input_ids", "loss_spans"]
     expected = {}
     for i in range(6):
-        ids, plen = expected_ids(tiny_tokenizer, pair(i)["prompt"], pair(i)["chosen"])
-        expected[tuple(ids)] = plen
-    got = {tuple(r["input_ids"]): r["prompt_len"] for r in data.train}
+        ids, spans = expected_ids(tiny_tokenizer, pair(i)["prompt"], pair(i)["chosen"])
+        expected[tuple(ids)] = spans
+    got = {tuple(r["input_ids"]): r["loss_spans"] for r in data.train}
     assert got == expected
     first = data.train[0]["input_ids"]
     assert first[0] == tiny_tokenizer.bos_token_id
@@ -79,26 +80,26 @@ def test_long_rows_are_cut_on_the_right_and_counted(tmp_path, tiny_tokenizer):
     cfg = config(tmp_path, [str(tmp_path / "src")], max_seq_len=max_len)
     data = build_sft_data(cfg, tiny_tokenizer)
 
-    cut, plen = expected_ids(tiny_tokenizer, pair(1)["prompt"], long_answer, max_len)
-    assert {"input_ids": cut, "prompt_len": plen} in list(data.train)
+    cut, spans = expected_ids(tiny_tokenizer, pair(1)["prompt"], long_answer, max_len)
+    assert {"input_ids": cut, "loss_spans": spans} in list(data.train)
     assert data.sources[0].truncated_rows == 1
 
 
-def test_prompt_len_is_clipped_when_the_prompt_alone_is_too_long(tmp_path, tiny_tokenizer):
+def test_no_loss_span_when_the_prompt_alone_fills_the_row(tmp_path, tiny_tokenizer):
     write_jsonl(tmp_path / "src/train.jsonl", [pair(1)])
     write_jsonl(tmp_path / "src/eval.jsonl", [pair(2)])
     data = build_sft_data(config(tmp_path, [str(tmp_path / "src")], max_seq_len=4), tiny_tokenizer)
     assert data.train[0] == {
         "input_ids": tiny_tokenizer(pair(1)["prompt"])["input_ids"][:4],
-        "prompt_len": 4,
+        "loss_spans": [],
     }
 
 
 def test_phase_one_takes_the_first_data_split_share_of_train_and_eval(tmp_path, tiny_tokenizer):
     src = make_source(tmp_path / "src", 11, 7)
     data = build_sft_data(config(tmp_path, [src], data_split="2,4,4"), tiny_tokenizer)
-    # 11 * 2/10 = 2.2 -> 2 rows; 7 * 2/10 = 1.4 -> 1 row
-    assert (len(data.train), len(data.eval)) == (2, 1)
+    # DeepSpeed-Chat's cuts: 11 rows -> 4.4 -> 4 twice, phase 1 gets 3; 7 rows -> 2.8 -> 3 twice, 1
+    assert (len(data.train), len(data.eval)) == (3, 1)
     again = build_sft_data(config(tmp_path / "other", [src], data_split="2,4,4"), tiny_tokenizer)
     assert decoded_rows(tiny_tokenizer, again.train) == decoded_rows(tiny_tokenizer, data.train)
 

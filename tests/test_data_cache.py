@@ -11,6 +11,7 @@ import textwrap
 import time
 
 import pytest
+from transformers import AutoTokenizer
 
 import utils.data.build as build_module
 import utils.data.cache as cache_module
@@ -194,3 +195,45 @@ def test_two_concurrent_builders_build_once_and_agree(tmp_path, tiny_tokenizer, 
     results = [next(line for line in out.splitlines() if line.startswith("ROWS")) for out in stdout]
     assert results[0] == results[1]
     assert len(json.loads(results[0][5:])) == 200
+
+
+SLOW_BUILDER = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, sys.argv[1])
+    from transformers import AutoTokenizer
+    import utils.data.build as b
+    from utils.data.config import DataConfig
+    real = b.tokenize_rows
+    def slow(*a, **k):
+        rows = real(*a, **k)  # partial Arrow files are on disk now
+        print("PARTIAL", flush=True)
+        time.sleep(60)
+        return rows
+    b.tokenize_rows = slow
+    cfg = DataConfig(data_path=[sys.argv[3]], data_split="10,0,0", data_output_path=sys.argv[4])
+    b.build_sft_data(cfg, AutoTokenizer.from_pretrained(sys.argv[2]))
+    """
+)
+
+
+def test_a_killed_build_leaves_no_work_folder_after_the_next_build(tmp_path, tiny_tokenizer):
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    src = write_source(tmp_path / "src", [f"answer {i}" for i in range(50)])
+    cache = tmp_path / "cache"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-c", SLOW_BUILDER, REPO, str(tmp_path / "tok"), src, str(cache)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "PARTIAL"
+    finally:
+        proc.kill()  # SIGKILL: no finally, no cleanup
+        proc.wait()
+    assert [p for p in cache.iterdir() if p.name.startswith(".build-")]  # the litter
+    # A killed build of another entry, whose lock nobody holds, is swept too.
+    (cache / ".build-sft-0123456789abcdef01234567-1").mkdir()
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")  # the killed build's entry
+    data = build_sft_data(config(tmp_path, src), tokenizer)
+    assert len(data.train) == 50
+    assert not [p.name for p in cache.iterdir() if p.name.startswith(".build-")]

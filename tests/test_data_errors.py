@@ -118,7 +118,8 @@ def test_an_empty_phase_one_partition_names_the_data_set(tmp_path, tiny_tokenize
 
 
 def test_no_eval_rows_at_all_is_an_error(tmp_path, tiny_tokenizer):
-    src = write_folder(tmp_path / "set", [PAIR] * 10, [PAIR])
+    # 2 eval rows: phases 2 and 3 take round(0.8) = 1 each, phase 1 none.
+    src = write_folder(tmp_path / "set", [PAIR] * 10, [PAIR] * 2)
     with pytest.raises(DataError, match=r"no eval rows"):
         build(tmp_path, tiny_tokenizer, [src], data_split="2,4,4")
 

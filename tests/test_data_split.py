@@ -22,14 +22,87 @@ def test_partitions_are_disjoint_and_cover_every_row_exactly(n, weights):
     assert sum(sizes) == n
     for size, w in zip(sizes, weights, strict=True):
         assert abs(size - n * w / sum(weights)) <= 1  # proportional, off by rounding at most
-        if w == 0:
-            assert size == 0
+    # DeepSpeed-Chat's rule: a later phase with weight 0 gets nothing; the first phase
+    # absorbs the rounding, so it can get a row even at weight 0 (n=1 with 0,5,5).
+    assert all(size == 0 for size, w in zip(sizes[1:], weights[1:], strict=True) if w == 0)
 
 
 def test_partition_sizes_for_odd_counts():
-    assert partition_bounds(7, [2, 4, 4]) == [0, 1, 4, 7]  # 1.4 -> 1, 4.2 -> 4
-    assert partition_bounds(11, [1, 1, 1]) == [0, 4, 7, 11]
+    assert partition_bounds(7, [2, 4, 4]) == [0, 1, 4, 7]  # 2.8 -> 3 twice; phase 1 gets the rest
+    assert partition_bounds(11, [1, 1, 1]) == [0, 3, 7, 11]  # 3.67 -> 4 twice
     assert partition_bounds(5, [10, 0, 0]) == [0, 5, 5, 5]
+    # DeepSpeed-Chat's first cut would be -1 here (3.5 -> 4 twice); no phase may overlap.
+    assert partition_bounds(7, [0, 5, 5]) == [0, 0, 3, 7]
+
+
+def deepspeed_chat_cuts(n: int, split: str) -> list[int]:
+    """DeepSpeed-Chat's get_raw_dataset_split_index arithmetic, step by step as it reads:
+    normalise, accumulate int(round(share * n)), then shift every cut by the overshoot."""
+    shares = [float(s) for s in split.split(",")]
+    shares = [s / sum(shares) for s in shares]
+    cuts = [0]
+    for share in shares:
+        cuts.append(cuts[-1] + round(share * float(n)))
+    overshoot = cuts[-1] - n
+    return [cuts[0]] + [c - overshoot for c in cuts[1:]]
+
+
+def deepspeed_chat_rows(n: int, split: str, seed: int, phase: int) -> list[int]:
+    """The rows DeepSpeed-Chat gives a phase: a uint32 arange shuffled in place, then sliced."""
+    order = np.arange(n, dtype=np.uint32)
+    np.random.RandomState(seed=seed).shuffle(order)
+    cuts = deepspeed_chat_cuts(n, split)
+    return order[cuts[phase] : cuts[phase + 1]].tolist()
+
+
+SPLITS = ["2,4,4", "1,1,1", "10,0,0", "0,5,5", "0.3,0,0.7", "1,2,3", "3,3,4", "6,2,2", "7,2,1"]
+SPLITS += ["0.1,0.45,0.45", "1,0,0", "5,0,5", "9,1", "1,1", "2,3,5,7"]
+
+
+def test_cut_points_match_deepspeed_chat_for_many_sizes_and_splits():
+    checked = 0
+    for split in SPLITS:
+        weights = [float(w) for w in split.split(",")]
+        for n in [*range(0, 400), 1001, 9999, 10007, 76256, 100_003]:
+            expected = deepspeed_chat_cuts(n, split)
+            if expected != sorted(expected) or expected[1] < 0:
+                continue  # DeepSpeed-Chat's own partitions overlap here; see the next test
+            assert partition_bounds(n, weights) == expected, (n, split)
+            checked += 1
+    assert checked > 0.95 * len(SPLITS) * 405
+
+
+def test_only_deepspeed_chats_overlapping_cuts_are_changed():
+    for split in SPLITS:
+        weights = [float(w) for w in split.split(",")]
+        for n in range(0, 400):
+            expected = deepspeed_chat_cuts(n, split)
+            if expected[1] < 0:  # only with a first weight of 0
+                assert weights[0] == 0
+                assert partition_bounds(n, weights) == [0, 0, *expected[2:]]
+
+
+@pytest.mark.parametrize(
+    ("n", "split", "phase1"),
+    [(1001, "2,4,4", 201), (76_256, "2,4,4", 15_252), (7, "2,4,4", 1), (11, "1,1,1", 3)],
+)
+def test_phase_one_takes_the_same_rows_as_deepspeed_chat(n, split, phase1):
+    """76,256 rows: Dahoas/rm-static's train split."""
+    weights = [float(w) for w in split.split(",")]
+    for seed in (1234, 42):
+        for phase in range(3):
+            got = partition(n, weights, seed, phase).tolist()
+            assert got == deepspeed_chat_rows(n, split, seed, phase)
+        assert len(partition(n, weights, seed, 0)) == phase1
+
+
+def test_train_only_sources_split_nine_to_one_like_deepspeed_chat():
+    """Sources without an eval split: DeepSpeed-Chat cuts their train rows 9,1 first."""
+    for n in (10, 15, 25, 1001):
+        for part in (0, 1):
+            assert partition(n, [9.0, 1.0], 1234, part).tolist() == deepspeed_chat_rows(
+                n, "9,1", 1234, part
+            )
 
 
 def test_partitions_depend_only_on_size_weights_and_seed():

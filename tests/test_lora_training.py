@@ -84,7 +84,8 @@ def test_zero3_two_ranks_save_merged_model_equal_to_the_lora_model(tmp_path, tin
     data = _write_jsonl_data(tmp_path / "data")
     out = tmp_path / "out"
     cmd = ["deepspeed", "--num_gpus", "2", "main.py", "--model_name_or_path", str(tiny_model_dir),
-           "--data_path", data, "--data_output_path", str(tmp_path / "cache"), "--max_seq_len", "32",
+           "--data_path", data, "--data_split", "10,0,0", "--data_output_path",
+           str(tmp_path / "cache"), "--max_seq_len", "32",
            "--per_device_train_batch_size", "4", "--zero_stage", "3", "--lora_dim", "4",
            "--only_optimize_lora", "--gradient_checkpointing", "--lora_learning_rate", "2e-2",
            "--max_steps", "2", "--save_lora_adapter", "--output_dir", str(out)]  # fmt: skip

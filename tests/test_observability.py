@@ -125,7 +125,7 @@ def test_skipped_fp16_steps_are_counted(tmp_path, capsys):
 
 
 def sft_data(truncated: int = 0, skipped: int = 0) -> SFTData:
-    rows = {"input_ids": [[1, 5, 6, 7], [1, 8, 9]], "prompt_len": [2, 1]}
+    rows = {"input_ids": [[1, 5, 6, 7], [1, 8, 9]], "loss_spans": [[[2, 4]], [[1, 3]]]}
     stats = SourceStats("Dahoas/rm-static", 2, 1, skipped, truncated, 7)
     return SFTData(Dataset.from_dict(rows), Dataset.from_dict(rows), [stats])
 

@@ -30,9 +30,9 @@ from utils.demo.tiny import build_opt_model
 from utils.model.loss import token_nll
 
 ROWS = [
-    {"input_ids": [5, 9, 14, 22, 31], "prompt_len": 2},
-    {"input_ids": [8, 40, 41, 42, 43, 44, 45, 46, 47], "prompt_len": 4},
-    {"input_ids": [60, 61, 62, 63], "prompt_len": 1},
+    {"input_ids": [5, 9, 14, 22, 31], "loss_spans": [[2, 5]]},
+    {"input_ids": [8, 40, 41, 42, 43, 44, 45, 46, 47], "loss_spans": [[2, 4], [6, 9]]},
+    {"input_ids": [60, 61, 62, 63], "loss_spans": [[1, 4]]},
 ]
 
 
@@ -105,7 +105,7 @@ def test_packing_loader_trains_every_row_once():
     dataset = Dataset.from_list(ROWS * 5)
     loader = build_train_loader(
         dataset,
-        BatchConfig(packing=True),
+        BatchConfig(packing=True, loss_on="all"),
         micro_batch=2,
         max_seq_len=32,
         pad_token_id=1,
@@ -138,8 +138,8 @@ def test_flat_packs_concatenate_examples_with_their_boundaries():
                                         60, 61, 62, 63]]  # fmt: skip
     assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2, 3]]
     ignore = -100  # prompts, every example's first token, the filler row
-    assert b["labels"].tolist() == [[ignore, ignore, 14, 22, 31, ignore, ignore, ignore, ignore,
-                                     43, 44, 45, 46, 47] + [ignore] * 4]  # fmt: skip
+    assert b["labels"].tolist() == [[ignore, ignore, 14, 22, 31, ignore, ignore, 41, 42,
+                                     ignore, ignore, 45, 46, 47] + [ignore] * 4]  # fmt: skip
     assert b["cu_seq_lens_q"].tolist() == b["cu_seq_lens_k"].tolist() == [0, 5, 14, 18]
     assert b["cu_seq_lens_q"].dtype == torch.int32  # what flash_attn_varlen_func takes
     assert b["max_length_q"] == b["max_length_k"] == 9
@@ -183,7 +183,7 @@ def test_flat_packs_give_each_example_its_own_logits(model_type, tiny_tokenizer)
 def test_flat_packing_loader_puts_a_micro_batch_in_one_row():
     loader = build_train_loader(
         Dataset.from_list(ROWS * 5),
-        BatchConfig(packing=True),
+        BatchConfig(packing=True, loss_on="all"),
         micro_batch=2,
         max_seq_len=32,
         pad_token_id=1,

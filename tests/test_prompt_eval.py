@@ -47,7 +47,8 @@ def sft_rows(tokenizer) -> list[dict]:
     for prompt, answer in PAIRS:
         prompt_ids = tokenizer(prompt)["input_ids"]
         answer_ids = tokenizer(" " + answer + EOT, add_special_tokens=False)["input_ids"]
-        rows.append({"input_ids": prompt_ids + answer_ids, "prompt_len": len(prompt_ids)})
+        ids = prompt_ids + answer_ids
+        rows.append({"input_ids": ids, "loss_spans": [[len(prompt_ids), len(ids)]]})
     return rows
 
 

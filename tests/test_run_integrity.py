@@ -119,6 +119,32 @@ def test_a_deepspeed_config_goes_through_the_flags_checks(
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
+@pytest.mark.parametrize("source", ["flag", "deepspeed_config"])
+def test_fp16_at_zero_stage_0_is_refused_on_a_gpu(tiny_model_dir, tmp_path, monkeypatch, source):
+    """DeepSpeed-Chat's own defaults (fp16, ZeRO-0) barely train on DeepSpeed 0.18.3+
+    (tests/test_update_size.py shows why): refused on a GPU, however fp16 is asked for."""
+    from deepspeed.accelerator import get_accelerator
+
+    from utils.cli.validate import validate
+    from utils.errors import ConfigError
+
+    monkeypatch.setattr(get_accelerator(), "device_name", lambda *a: "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    data = write_rows(tmp_path / "data", train=8)
+    extra = ["--dtype", "fp16"]
+    if source == "deepspeed_config":
+        ds_file = tmp_path / "ds.json"
+        ds_file.write_text(json.dumps({"fp16": {"enabled": True}}))
+        extra = ["--dtype", "fp32", "--deepspeed_config", str(ds_file)]
+    with pytest.raises(ConfigError) as refused:
+        validate(parse_args(args(tiny_model_dir, data, tmp_path, *extra)))
+    assert "with --zero_stage 0 does not train" in str(refused.value)
+    assert "Use --zero_stage 1" in str(refused.value)
+    stage_1 = parse_args(args(tiny_model_dir, data, tmp_path, *extra, "--zero_stage", "1"))
+    assert validate(stage_1).zero_stage == 1
+
+
 def test_a_user_error_while_resuming_is_one_line_and_exit_2(
     tiny_model_dir, tmp_path, capsys, monkeypatch
 ):
@@ -150,7 +176,7 @@ def test_loss_sums_are_reduced_in_fp32(dtype):
 def test_summary_reports_what_training_uses(tiny_model_dir):
     # --loss_on response: the loss covers response tokens only (before: "100%").
     cfg = parse_args(["--model_name_or_path", str(tiny_model_dir), "--loss_on", "response"])
-    rows = {"input_ids": [[1, 5, 6, 7], [1, 8, 9, 10]], "prompt_len": [3, 2]}
+    rows = {"input_ids": [[1, 5, 6, 7], [1, 8, 9, 10]], "loss_spans": [[[3, 4]], [[2, 4]]]}
     data = SFTData(Dataset.from_dict(rows), Dataset.from_dict(rows), [SourceStats("d", 2)])
     config = {
         "train_batch_size": 2,
@@ -165,10 +191,10 @@ def test_summary_reports_what_training_uses(tiny_model_dir):
 
 def test_packing_steps_count_packs_not_rows():
     # 40 rows of 8 tokens pack 4 to a row of 32: 10 packs, 5 micro-batches of 2 (not 20).
-    rows = Dataset.from_dict({"input_ids": [[5] * 8] * 40, "prompt_len": [1] * 40})
+    rows = Dataset.from_dict({"input_ids": [[5] * 8] * 40, "loss_spans": [[[1, 8]]] * 40})
     loader = build_train_loader(
         rows,
-        BatchConfig(packing=True),
+        BatchConfig(packing=True, loss_on="all"),
         micro_batch=2,
         max_seq_len=32,
         pad_token_id=0,

@@ -173,7 +173,7 @@ def test_two_nodes_join_one_run_and_each_keeps_its_log(
     assert "--node_rank 0 --master_addr 127.0.0.1" in log0
     assert "--node_rank 1 --master_addr 127.0.0.1" in log1
     assert log0.count("run summary") == 1 and "run summary" not in log1  # rank 0 prints
-    assert "batch        4 per device x 2 ranks" in log0  # both nodes' ranks in one group
+    assert "batch        4 sequences per device x 2 ranks" in log0  # both nodes' ranks in one group
     summary = json.loads(next(line for line in log0.splitlines() if line.startswith('{"train')))
     assert summary["deepspeed_config"]["train_batch_size"] == 8
     assert slurm_calls(env).count("scontrol show hostnames node[0-1]") == 2

@@ -72,10 +72,10 @@ def test_the_loop_trains_and_evaluates_with_the_chunked_loss_and_logs_the_plain_
     dataset = Dataset.from_list(build_rows())
     geometry = {"pad_token_id": PAD, "rank": 0, "world_size": 1}
     train_loader = build_train_loader(
-        dataset, BatchConfig(), micro_batch=4, max_seq_len=64, seed=0,
+        dataset, BatchConfig(loss_on="all"), micro_batch=4, max_seq_len=64, seed=0,
         mask_dtype=torch.float32, **geometry,
     )  # fmt: skip
-    eval_loader = build_eval_loader(dataset, BatchConfig(), micro_batch=8, **geometry)
+    eval_loader = build_eval_loader(dataset, BatchConfig(loss_on="all"), micro_batch=8, **geometry)
     reference = build_model().eval()  # the same weights as the trained model's start
     train_loader.sampler.set_epoch(0)
     with torch.no_grad():
@@ -88,8 +88,7 @@ def test_the_loop_trains_and_evaluates_with_the_chunked_loss_and_logs_the_plain_
     config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
               "train_batch_size": 8, "zero_optimization": {"stage": 0},
               "zero_allow_untested_optimizer": True}  # fmt: skip
-    setup = EngineSetup(config=config, world_size=1, dtype_reason="fp32")
-    checkpointer = build_checkpointer(CheckpointConfig(), str(tmp_path), model, setup, dist)
+    checkpointer = build_checkpointer(CheckpointConfig(), str(tmp_path), {}, dist)
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=config
     )

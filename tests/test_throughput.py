@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from utils.data.collate import collate
@@ -14,6 +15,7 @@ from utils.observe.throughput import (
     build_flop_shape,
     format_throughput,
     lookup_peak_tflops,
+    normalize_device_name,
 )
 
 
@@ -41,7 +43,7 @@ def test_flop_shape_counts_tied_head_once_and_skips_frozen(tiny_tokenizer):
 def test_meter_counts_real_and_padded_tokens_across_steps():
     shape = FlopShape(params=100, trainable=100, layers=1, hidden=4)
     meter = ThroughputMeter(shape, peak_tflops=None, device=torch.device("cpu"), world_size=1)
-    rows = [{"input_ids": [5] * n, "prompt_len": 1} for n in (3, 10)]
+    rows = [{"input_ids": [5] * n, "loss_spans": [[1, n]]} for n in (3, 10)]
     for _ in range(2):
         meter.add_batch(collate(rows, pad_token_id=1, loss_on="all", pad_to=32))
         meter.end_step()
@@ -57,11 +59,64 @@ def test_meter_counts_real_and_padded_tokens_across_steps():
     assert math.isclose(overall["samples_per_s"] / overall["real_tokens_per_s"], 4 / 26)
 
 
-def test_peak_lookup_prefers_specific_names_and_the_override():
-    assert lookup_peak_tflops("NVIDIA H100 PCIe", "bf16", None) == 756.0
-    assert lookup_peak_tflops("NVIDIA H100 80GB HBM3", "bf16", None) == 989.0
-    assert lookup_peak_tflops("NVIDIA A100-SXM4-80GB", "fp16", None) == 312.0
-    assert lookup_peak_tflops("NVIDIA A10", "bf16", None) == 125.0
-    assert lookup_peak_tflops("NVIDIA H100 80GB HBM3", "fp32", None) is None
-    assert lookup_peak_tflops("cpu", "bf16", None) is None
+# Names exactly as torch.cuda.get_device_name() reports them, with dense 16-bit peaks.
+KNOWN_GPUS = [
+    ("NVIDIA B200", 2250.0),
+    ("NVIDIA H100 80GB HBM3", 989.4),
+    ("NVIDIA H100 PCIe", 756.5),
+    ("NVIDIA H100 NVL", 835.5),
+    ("NVIDIA H200", 989.4),
+    ("NVIDIA H200 NVL", 835.5),
+    ("NVIDIA GH200 480GB", 989.4),
+    ("NVIDIA GH200 144G HBM3e", 989.4),
+    ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A100-SXM4-40GB", 312.0),
+    ("NVIDIA A100-PCIE-40GB", 312.0),
+    ("NVIDIA A100 80GB PCIe", 312.0),
+    ("NVIDIA L40S", 362.05),
+    ("NVIDIA L40", 181.05),
+    ("NVIDIA L4", 121.0),
+    ("NVIDIA A10", 125.0),
+    ("NVIDIA RTX 6000 Ada Generation", 364.2),
+    ("Tesla V100-SXM2-16GB", 125.0),
+    ("Tesla V100-SXM2-32GB", 125.0),
+    ("Tesla V100-PCIE-32GB", 112.0),
+    ("Tesla T4", 65.0),
+]
+
+
+@pytest.mark.parametrize(("name", "peak"), KNOWN_GPUS)
+def test_known_gpus_get_their_own_datasheet_peak(name, peak):
+    assert lookup_peak_tflops(name, "bf16", None) == peak
+    assert lookup_peak_tflops(name, "fp16", None) == peak
+    assert lookup_peak_tflops(name, "fp32", None) is None  # the table is 16-bit only
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "NVIDIA A10G",  # AWS's A10 variant: not the A10's tensor rate, and no datasheet
+        "NVIDIA H100",  # not a reported name: a prefix of several parts, none implied
+        "NVIDIA L40G",
+        "NVIDIA A100X",
+        "NVIDIA H100 NVL-ish",
+        "NVIDIA GeForce RTX 4090",
+        "cpu",
+        "",
+    ],
+)
+def test_names_are_never_matched_by_substring(name):
+    assert lookup_peak_tflops(name, "bf16", None) is None
+
+
+def test_normalised_names_differ_for_different_parts():
+    assert normalize_device_name("NVIDIA L40") != normalize_device_name("NVIDIA L4")
+    assert normalize_device_name("NVIDIA H100 NVL") != normalize_device_name("NVIDIA H100 PCIe")
+    assert normalize_device_name("Tesla V100-SXM2-16GB") == "v100 sxm2"
+    assert normalize_device_name(" nvidia a100_pcie-40gb ") == "a100 pcie"
+
+
+def test_the_override_wins_for_any_name_and_precision():
+    assert lookup_peak_tflops("NVIDIA H100 PCIe", "bf16", 500.0) == 500.0
+    assert lookup_peak_tflops("NVIDIA A10G", "bf16", 70.0) == 70.0
     assert lookup_peak_tflops("cpu", "fp32", 2.1) == 2.1

@@ -36,7 +36,7 @@ LENGTHS = [3, 20, 5, 31, 8, 12, 2, 27]  # unequal, so micro-batches hold unequal
 
 def build_rows() -> list[dict]:
     return [
-        {"input_ids": [(11 * i + 5 * j) % 120 + 4 for j in range(n)], "prompt_len": 1}
+        {"input_ids": [(11 * i + 5 * j) % 120 + 4 for j in range(n)], "loss_spans": [[1, n]]}
         for i, n in enumerate(LENGTHS)
     ]
 
@@ -64,7 +64,7 @@ def main(out: str, mode: str, zero_stage: int, micro: int, accumulation: int) ->
     geometry = {"pad_token_id": PAD, "rank": dist.rank, "world_size": dist.world_size}
     loader = build_train_loader(
         dataset,
-        BatchConfig(),
+        BatchConfig(loss_on="all"),
         micro_batch=micro,
         max_seq_len=64,
         seed=0,
@@ -81,7 +81,8 @@ def main(out: str, mode: str, zero_stage: int, micro: int, accumulation: int) ->
         "gradient_clipping": 0.0,  # DeepSpeed's default 1.0 would rescale the update
     }
     setup = EngineSetup(config=config, world_size=dist.world_size, dtype_reason="fp32")
-    checkpointer = build_checkpointer(CheckpointConfig(), os.path.dirname(out), model, setup, dist)
+    checkpointer = build_checkpointer(CheckpointConfig(), os.path.dirname(out), {}, dist)
+    checkpointer.engine_setup(model, setup)
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), config=config
     )
@@ -91,7 +92,9 @@ def main(out: str, mode: str, zero_stage: int, micro: int, accumulation: int) ->
     loop = TrainLoop(
         engine=engine,
         train_loader=loader,
-        eval_loader=build_eval_loader(dataset, BatchConfig(), micro_batch=8, **geometry),
+        eval_loader=build_eval_loader(
+            dataset, BatchConfig(loss_on="all"), micro_batch=8, **geometry
+        ),
         dist=dist,
         plan=plan,
         monitor=build_monitor(os.path.dirname(out), ObserveConfig(), plan.total_steps, 0),

@@ -23,24 +23,33 @@ MAIN="$REPO_ROOT/main.py"
 # Lines reach the terminal and training.log as they are printed, not in 4 KiB bursts.
 export PYTHONUNBUFFERED=1
 
+# die MESSAGE [MORE...]: one error line, each further argument on a line of its own.
 die() {
-    echo "error: $*" >&2
+    echo "error: $1" >&2
+    shift
+    if (($#)); then
+        printf '  %s\n' "$@" >&2
+    fi
     exit 2
 }
 
 # parse_launcher_args DEFAULT_STAGE [OUTPUT] [ZERO_STAGE] [extra flags...]
 parse_launcher_args() {
-    local default_stage=$1
+    local default_stage=$1 usage
     shift
     OUTPUT=${1:-./output}
     ZERO_STAGE=${2:-$default_stage}
     EXTRA_ARGS=("${@:3}")
+    usage="usage: bash $0 [OUTPUT] [ZERO_STAGE 0-3] [extra main.py flags...], e.g. bash $0 ./output $default_stage --dry_run"
     # A flag in the first two places means the positional arguments were left out.
-    if [[ $OUTPUT == -* || ! $ZERO_STAGE =~ ^[0-3]$ ]]; then
-        die "usage: bash $0 [OUTPUT] [ZERO_STAGE 0-3] [extra main.py flags...]" \
-            "(got OUTPUT='$OUTPUT' ZERO_STAGE='$ZERO_STAGE'); e.g. bash $0 ./output $default_stage --dry_run"
+    if [[ $OUTPUT == -* ]]; then
+        die "OUTPUT (the first argument) is '$OUTPUT', a flag: give the output folder and ZERO_STAGE before any flag." \
+            "$usage"
     fi
-    mkdir -p "$OUTPUT"
+    if [[ ! $ZERO_STAGE =~ ^[0-3]$ ]]; then
+        die "ZERO_STAGE (the second argument) is '$ZERO_STAGE'; use 0, 1, 2 or 3." "$usage"
+    fi
+    mkdir -p "$OUTPUT" || die "OUTPUT (the first argument) '$OUTPUT' cannot be created; choose a folder you can write."
     LOG="$OUTPUT/training.log"
 }
 

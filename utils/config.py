@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from utils.data.config import BatchConfig, DataConfig
+from utils.data.config import BatchConfig, DataConfig, effective_loss_on
 from utils.engine.config import CheckpointConfig, EngineConfig, TrainConfig
 from utils.model.config import LoraConfig, ModelConfig
 from utils.observe.config import ObserveConfig
@@ -28,3 +28,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     observe: ObserveConfig = field(default_factory=ObserveConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
+
+    def __post_init__(self) -> None:
+        # --loss_on's default depends on --chat_template: decided once, here, so every
+        # consumer (collate, packing, evaluation, the summary) reads the effective value.
+        self.batch.loss_on = effective_loss_on(self.batch.loss_on, self.data.chat_template)

@@ -3,18 +3,43 @@
 Works under `deepspeed`, `deepspeed --num_gpus N`, `torchrun` and plain `python`:
 the launchers export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; a plain `python main.py`
 gets a one-rank group on a free local port.
+
+No rank waits forever. Collectives give up after --dist_timeout_minutes (a rank that
+died or hung takes the others down with it). Work rank 0 does alone while the others
+wait (building the data cache, writing and verifying the model) can legitimately take
+longer than that, so those waits are not collectives:
+the waiting ranks poll the process group's key-value store (`rank_zero_first`). They
+stop at once when rank 0 reports a failure (its error is relayed) or when its process
+is gone (the store it hosts goes with it), and otherwise after LONG_WAIT.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+
+from utils.errors import UserError
+
+# How long a rank waits for rank 0's own work before giving up (it ends sooner when rank
+# 0 fails or exits): long enough to tokenise a very large data set or write a 66B model.
+LONG_WAIT = timedelta(hours=6)
+POLL_SECONDS = 0.5
+READERS_WAIT = timedelta(seconds=30)
+_settings = {"timeout": timedelta(minutes=10)}
+_waits = itertools.count()  # every rank passes the same waits in the same order
+
+
+class RankZeroFailed(UserError):
+    """Rank 0 failed, vanished or never finished while this rank waited for it."""
 
 
 @dataclass(frozen=True)
@@ -29,8 +54,9 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(local_rank: int = -1) -> DistInfo:
-    """Join (or create) the process group and pick this rank's device."""
+def init_distributed(local_rank: int = -1, timeout_minutes: float = 10) -> DistInfo:
+    """Join (or create) the process group and pick this rank's device; its collectives
+    give up after `timeout_minutes` (--dist_timeout_minutes)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -41,7 +67,10 @@ def init_distributed(local_rank: int = -1) -> DistInfo:
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         accelerator.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    _settings["timeout"] = timedelta(minutes=timeout_minutes)
+    deepspeed.init_distributed(
+        dist_backend=accelerator.communication_backend_name(), timeout=_settings["timeout"]
+    )
     device = torch.device(accelerator.device_name(local_rank))
     if device.type == "cpu":
         _share_cpu_cores()
@@ -92,15 +121,92 @@ def barrier() -> None:
 
 
 @contextlib.contextmanager
-def rank_zero_first() -> Iterator[None]:
-    """Rank 0 runs the block first (building caches); the others wait, then run it (reading them)."""
+def rank_zero_first(what: str = "finish its part of the set-up") -> Iterator[None]:
+    """Rank 0 runs the block first (building caches, writing files); the others wait for
+    it, then run it (reading them; a block guarded by `if is_main_process()` does nothing).
+
+    `what` completes "rank 0 failed to ..." in the waiting ranks' error. If rank 0's block
+    raises, every waiting rank raises RankZeroFailed with rank 0's error at once. Every
+    rank must pass the same rank_zero_first blocks in the same order (like a collective).
+    """
+    store = _store()
+    if store is None:
+        yield
+        return
+    key = f"sft-deepspeed/rank0/{next(_waits)}"
     if not is_main_process():
-        barrier()
+        wait_for_rank_0(store, key, what)
+        yield
+        return
     try:
         yield
-    finally:
-        if is_main_process():
-            barrier()
+    except BaseException as err:
+        store.set(key, f"failed: {_first_line(err)}")
+        _await_readers(store, key)
+        raise
+    store.set(key, "done")
+
+
+def wait_for_rank_0(store, key: str, what: str) -> None:
+    """Poll `key` until rank 0 sets it; RankZeroFailed when rank 0 failed, exited or took
+    longer than LONG_WAIT (or --dist_timeout_minutes, if longer)."""
+    limit = max(LONG_WAIT, _settings["timeout"])
+    deadline = time.monotonic() + limit.total_seconds()
+    rank = os.environ.get("RANK", "?")
+    try:
+        while not store.check([key]):
+            if time.monotonic() > deadline:
+                raise RankZeroFailed(
+                    f"rank {rank} waited {_duration(limit)} for rank 0 to {what} and stops: look at "
+                    "rank 0's log for what it is doing (a hung file system, a stuck process?)."
+                )
+            time.sleep(POLL_SECONDS)
+        outcome = store.get(key).decode()
+        store.add(f"{key}/read", 1)
+    except (RuntimeError, OSError) as err:  # the store lives in rank 0's process (or its agent)
+        raise RankZeroFailed(
+            f"rank 0 stopped while rank {rank} waited for it to {what} (lost contact: "
+            f"{_first_line(err)}). Rank 0's own error, above or in its node's log, says why."
+        ) from None
+    if outcome.startswith("failed: "):
+        raise RankZeroFailed(
+            f"rank 0 failed to {what}, so rank {rank} stops too. Rank 0's error: "
+            f"{outcome.removeprefix('failed: ')}"
+        )
+
+
+def _await_readers(store, key: str) -> None:
+    """Keep rank 0 (and the store it hosts) alive until the waiting ranks have read its
+    failure, so they report it rather than a lost connection; at most READERS_WAIT."""
+    deadline = time.monotonic() + READERS_WAIT.total_seconds()
+    readers = torch.distributed.get_world_size() - 1
+    with contextlib.suppress(RuntimeError, OSError):
+        while store.add(f"{key}/read", 0) < readers and time.monotonic() < deadline:
+            time.sleep(POLL_SECONDS / 5)
+
+
+def _store():
+    """The process group's key-value store (None with one rank: nobody waits)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    if torch.distributed.get_world_size() == 1:
+        return None
+    # The store every launcher already provides for rendezvous: no new connection to set
+    # up, and torchrun namespaces it per restart. Private in name, stable since torch 1.x.
+    return torch.distributed.distributed_c10d._get_default_store()
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:500]
+
+
+def _duration(limit: timedelta) -> str:
+    seconds = limit.total_seconds()
+    for unit, size in (("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{seconds / size:g} {unit}"
+    return f"{seconds:g} seconds"
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 
 from utils.config import Config
 from utils.data.common import SFTData
+from utils.data.config import DSCHAT
 from utils.data.split import parse_data_split
 from utils.distributed import print_rank_0, warn_rank_0
 from utils.engine.accumulation import StepPlan
@@ -57,6 +58,12 @@ def build_summary(
     )
     tokens, loss_share = count_tokens(data, cfg.batch.loss_on)
     avg = tokens / max(len(data.train), 1)
+    covered = {  # what --loss_on covers in this format
+        ("all", True): "prompts and responses",
+        ("all", False): "every token of the conversations",
+        ("response", True): "responses only",
+        ("response", False): "assistant turns only",
+    }[cfg.batch.loss_on, cfg.data.chat_template == DSCHAT]
     lines = [
         RULE,
         "run summary",
@@ -67,9 +74,9 @@ def build_summary(
         "data         " + _source_table(data)[0],
         *("             " + row for row in _source_table(data)[1:]),
         f"split        --data_split {cfg.data.data_split}: {_split_note(cfg)}",
+        f"format       {describe_format(cfg)}",
         f"tokens       {tokens:,} training tokens ({avg:.0f} per row); "
-        f"loss on {100 * loss_share:.0f}% of them"
-        f"{' (responses only)' if loss_share < 1 else ' (prompts and responses)'}; "
+        f"loss on {100 * loss_share:.0f}% of them ({covered}); "
         f"rows cut at --max_seq_len {cfg.data.max_seq_len}: {_truncated(data):,}",
         f"batch        {ds_config['train_micro_batch_size_per_gpu']} "
         f"{'packed rows' if cfg.batch.packing else 'sequences'} per device x "
@@ -107,10 +114,20 @@ def data_warnings(cfg: Config, data: SFTData) -> list[str]:
             )
         if s.skipped_rows:
             warnings.append(
-                f"{s.name}: {s.skipped_rows:,} rows were skipped because their prompt or "
-                "response is missing or empty."
+                f"{s.name}: {s.skipped_rows:,} rows were skipped: " + "; ".join(s.describe_skips())
             )
     return warnings
+
+
+def describe_format(cfg: Config) -> str:
+    """How rows are written: DeepSpeed-Chat's framing or the chat template (and system prompt)."""
+    d = cfg.data
+    if d.chat_template == DSCHAT:
+        eot = f"{d.eot_token!r} appended{' (added as a special token)' if d.add_eot_token else ''}"
+        return f"--chat_template dschat: ' Human: … Assistant: …', last answer trained, {eot}"
+    own = " (the tokenizer's own template)" if d.chat_template == "model" else ""
+    system = f"; --system_prompt {d.system_prompt!r}" if d.system_prompt else ""
+    return f"--chat_template {d.chat_template}{own}: every assistant turn trained{system}"
 
 
 def count_tokens(data: SFTData, loss_on: str) -> tuple[int, float]:
@@ -121,8 +138,15 @@ def count_tokens(data: SFTData, loss_on: str) -> tuple[int, float]:
     tokens = int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py())
     if loss_on == "all":
         return tokens, 1.0
-    prompt = int(pc.sum(table.column("prompt_len")).as_py())
-    return tokens, (tokens - prompt) / max(tokens, 1)
+    return tokens, trained_tokens(data) / max(tokens, 1)
+
+
+def trained_tokens(data: SFTData) -> int:
+    """Tokens inside the rows' loss spans: what --loss_on response trains."""
+    if len(data.train) == 0:
+        return 0
+    bounds = pc.list_flatten(pc.list_flatten(data.train.data.column("loss_spans"))).to_numpy()
+    return int(bounds[1::2].sum() - bounds[0::2].sum())  # [start, end, start, end, ...]
 
 
 def sft_share(data_split: str) -> float:

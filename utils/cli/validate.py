@@ -7,17 +7,24 @@ every later step reads the effective ZeRO stage and precision from.
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import replace
+import tempfile
+import types
+import typing
+from dataclasses import fields, replace
 
 import torch
 
 from utils.config import Config
 from utils.data.build import check_data_config
+from utils.data.chat import load_chat_template
+from utils.data.config import DSCHAT, DataConfig
 from utils.data.packing import packing_problems
 from utils.engine.checkpoint import checkpoint_problems
 from utils.engine.ds_config import EngineSetup, build_ds_config, setup_problems
 from utils.engine.precision import NATIVE_BF16_CAPABILITY, detect_dtype
+from utils.engine.precision_rules import precision_problems
 from utils.errors import ConfigError, UserError, format_problems
 from utils.model.attention import (
     attention_dtype_problems,
@@ -27,8 +34,12 @@ from utils.model.attention import (
 )
 from utils.model.chunked_loss import chunked_loss_config_problem
 from utils.model.config import ModelConfig
+from utils.model.folder_checks import tokenizer_problems, weight_problems
 from utils.model.load import load_model_config, max_positions
 from utils.planner.config import PlannerConfig
+
+# Float flags for which 0 is a meaningful setting ("no weight decay", "no dropout").
+ZERO_ALLOWED = {"weight_decay", "dropout"}
 
 
 def validate(cfg: Config) -> EngineSetup:
@@ -49,6 +60,10 @@ def validate(cfg: Config) -> EngineSetup:
             )
             setup = EngineSetup(config=config, world_size=world_size, dtype_reason=reason)
             problems += setup_problems(setup, cfg.train, cfg.engine.deepspeed_config, on_cuda)
+            if not problems:  # on the merged config: a --deepspeed_config's stage counts
+                problems += precision_problems(
+                    setup.dtype, setup.zero_stage, on_cuda, bf16, setup.offload, cfg.engine.dtype
+                )
             setup, more = _resolve_attention(cfg, setup, on_cuda)
             problems += more
         except UserError as err:
@@ -95,14 +110,11 @@ def flag_problems(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]
             problems.append(f"{flag} {value} must be at least 1.")
     if t.max_steps is not None and t.max_steps < 1:
         problems.append(f"--max_steps {t.max_steps} must be at least 1 (or left out).")
-    if t.learning_rate <= 0:
-        problems.append(f"--learning_rate {t.learning_rate} must be positive.")
     if t.num_warmup_steps < 0:
         problems.append(f"--num_warmup_steps {t.num_warmup_steps} must be 0 or more.")
-    if t.weight_decay < 0:
-        problems.append(f"--weight_decay {t.weight_decay} must be 0 or more.")
-    if cfg.model.dropout is not None and not 0 <= cfg.model.dropout < 1:
-        problems.append(f"--dropout {cfg.model.dropout} must be in [0, 1).")
+    problems += float_problems(cfg)
+    if (dropout := cfg.model.dropout) is not None and math.isfinite(dropout) and dropout >= 1:
+        problems.append(f"--dropout {cfg.model.dropout} must be below 1, e.g. 0.1.")
     if lo.lora_dim < 0:
         problems.append(f"--lora_dim {lo.lora_dim} must be 0 (off) or a positive rank.")
     if lo.only_optimize_lora and not lo.enabled:
@@ -119,17 +131,50 @@ def flag_problems(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]
         problems.append(f"--deepspeed_config {e.deepspeed_config!r} does not exist.")
     if not (t.dry_run or cfg.planner.estimate_memory):
         problems += _output_dir_problems(t.output_dir)
-    problems += _model_problems(cfg.model, cfg.data.max_seq_len)
+        if cfg.observe.enable_tensorboard:
+            problems += folder_problems("--tensorboard_path", cfg.observe.tensorboard_path)
+    if not cfg.planner.estimate_memory:
+        problems += folder_problems("--data_output_path", cfg.data.data_output_path)
+    files = not cfg.planner.estimate_memory
+    model_problems = _model_problems(cfg.model, cfg.data.max_seq_len, files)
+    problems += model_problems
+    if files and not model_problems:  # the template is checked with the tokenizer it needs
+        problems += _chat_template_problems(cfg.model, cfg.data)
     problems += checkpoint_problems(cfg.checkpoint)
     if cfg.batch.packing and cfg.batch.pad_to_max_len:
         problems.append("--packing and --pad_to_max_len exclude each other; choose one.")
     return problems
 
 
+def float_problems(cfg: Config) -> list[str]:
+    """One rule for every float flag, found from the fields' types so no flag is forgotten:
+    a finite number (argparse's float() also accepts nan and inf, however the flag is
+    written), never negative (no float flag has a meaning below 0), and above 0 unless 0
+    means "off" (ZERO_ALLOWED). One message per flag."""
+    problems = []
+    for group in fields(cfg):
+        settings = getattr(cfg, group.name)
+        hints = typing.get_type_hints(type(settings))
+        for f in fields(settings):
+            value = getattr(settings, f.name)
+            if float not in _types(hints[f.name]) or value is None:
+                continue
+            zero_ok = f.name in ZERO_ALLOWED
+            example = f" (default {f.default})" if isinstance(f.default, float) else ""
+            if not math.isfinite(value):
+                problems.append(f"--{f.name} {value} is not a finite number{example}.")
+            elif value < 0 or (value == 0 and not zero_ok):
+                floor = "0 or more" if zero_ok else "above 0"
+                problems.append(f"--{f.name} {value} must be {floor}{example}.")
+    return problems
+
+
+def _types(hint: object) -> tuple:
+    return typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+
+
 def _planner_problems(planner: PlannerConfig) -> list[str]:
     problems = []
-    if planner.gpu_memory_gb <= 0:
-        problems.append(f"--gpu_memory_gb {planner.gpu_memory_gb} must be positive, e.g. 80.")
     for flag, value in (
         ("--num_gpus_per_node", planner.num_gpus_per_node),
         ("--num_nodes", planner.num_nodes),
@@ -154,26 +199,41 @@ def _output_dir_problems(output_dir: str | None) -> list[str]:
         return [
             "--output_dir is required to train (where the model is saved), e.g. --output_dir ./output."
         ]
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        return [f"--output_dir {output_dir!r} is a file, not a folder; choose another path."]
-    # Nothing is created here: validation must leave no trace when it fails.
-    existing = os.path.abspath(output_dir)
+    return folder_problems("--output_dir", output_dir)
+
+
+def folder_problems(flag: str, path: str) -> list[str]:
+    """Problems with a folder this run will create or write into, found now rather than
+    after hours of work. Asking os.access is not enough (root passes it everywhere, and
+    /proc or a read-only mount refuse anyway), so a probe folder is made in the nearest
+    existing ancestor and removed at once: validation leaves no trace."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return [f"{flag} {path!r} is a file, not a folder; choose another path."]
+    existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".sft-write-probe-", dir=existing))
+    except OSError as err:
         return [
-            f"--output_dir {output_dir!r} cannot be created or written ({existing!r} is not a "
-            "writable folder); choose another path."
+            f"{flag} {path!r} cannot be created or written: making a folder in {existing!r} "
+            f"fails ({err.strerror}). Choose a folder this user can write."
         ]
     return []
 
 
-def _model_problems(model: ModelConfig, max_seq_len: int) -> list[str]:
+def _model_problems(model: ModelConfig, max_seq_len: int, files: bool) -> list[str]:
+    """The model's config, and with `files` its weights and tokenizer (the memory planner
+    reads only the config, so a config-only folder is enough for it). --packing is checked
+    with the attention the run resolves (`_resolve_attention`)."""
     try:
         config = load_model_config(model)
     except UserError as err:
         return [str(err)]
     problems = []
+    if files:
+        problems += weight_problems(model.model_name_or_path)
+        problems += tokenizer_problems(model, config)
     if model.chunked_loss == "on" and model.compile:
         problems.append(
             "--chunked_loss on and --compile exclude each other (the chunked loss replaces the "
@@ -192,3 +252,22 @@ def _model_problems(model: ModelConfig, max_seq_len: int) -> list[str]:
             f"use --max_seq_len {limit} or less."
         ]
     return problems
+
+
+def _chat_template_problems(model: ModelConfig, data: DataConfig) -> list[str]:
+    """A --chat_template that cannot be used (none in the tokenizer, a file that does not
+    parse, an end-of-turn token the tokenizer splits), found before any data work."""
+    if data.chat_template == DSCHAT:
+        return []
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model.tokenizer_path, trust_remote_code=model.trust_remote_code
+        )
+        load_chat_template(data.chat_template, tokenizer)
+    except UserError as err:
+        return [str(err)]
+    except (OSError, ValueError) as err:
+        return [f"{model.tokenizer_path!r}: cannot load its tokenizer ({err})"]
+    return []

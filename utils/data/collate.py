@@ -1,6 +1,6 @@
 """Rows to a padded batch: the model inputs, labels and the real length of every example.
 
-Rows are {"input_ids", "prompt_len"} (the data layer's contract). Batches are dicts of
+Rows are {"input_ids", "loss_spans"} (the data layer's contract). Batches are dicts of
 tensors: the model inputs (MODEL_INPUTS), `labels` (IGNORE_INDEX where no loss applies)
 and `seq_lens` (the real length of every example, for the throughput log).
 """

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from utils.flags import flag
 
 LOSS_ON = ("all", "response")
+DSCHAT = "dschat"  # --chat_template's default: DeepSpeed-Chat's " Human: … Assistant: …" format
+DEFAULT_EOT = "<|endoftext|>"
 
 
 def default_cache_dir() -> str:
@@ -47,8 +49,26 @@ class DataConfig:
         "Seed of the data split, the training order, the model's dropout and everything random.",
     )
     max_seq_len: int = flag(512, "Longest sequence in tokens; longer examples are truncated.")
-    eot_token: str = flag("<|endoftext|>", "End-of-conversation token appended to every example.")
-    add_eot_token: bool = flag(False, "Add --eot_token to the tokenizer as a special token.")
+    eot_token: str = flag(
+        DEFAULT_EOT,
+        "End-of-conversation token appended to every example (--chat_template dschat only: "
+        "a template ends each turn itself).",
+    )
+    add_eot_token: bool = flag(
+        False, "Add --eot_token to the tokenizer as a special token (--chat_template dschat only)."
+    )
+    chat_template: str = flag(
+        DSCHAT,
+        "How conversations are written: 'dschat' (DeepSpeed-Chat's ' Human: … Assistant: …', "
+        "trains the last answer), 'model' (the tokenizer's own chat template) or the path of a "
+        "Jinja file. A template renders every data set as conversations and trains every "
+        "assistant turn; the saved model carries it.",
+    )
+    system_prompt: str | None = flag(
+        None,
+        "System turn added to every conversation that has none (needs --chat_template; a "
+        "row's own system turn or 'system' column wins).",
+    )
 
     @property
     def added_token(self) -> str | None:
@@ -70,8 +90,18 @@ class BatchConfig:
         "Pack several examples into each row of up to --max_seq_len tokens; attention stays "
         "inside each example. --per_device_train_batch_size then counts packed rows.",
     )
-    loss_on: str = flag(
-        "all",
-        "'all': every non-pad token (DeepSpeed-Chat); 'response': mask the prompt tokens.",
+    loss_on: str | None = flag(
+        None,
+        "'all': every non-pad token; 'response': only the answers (with a chat template: "
+        "every assistant turn and its end-of-turn token). Default: 'all' with --chat_template "
+        "dschat (DeepSpeed-Chat), 'response' with a template.",
         choices=LOSS_ON,
     )
+
+
+def effective_loss_on(loss_on: str | None, chat_template: str) -> str:
+    """The tokens the loss covers, decided here once: an explicit --loss_on wins; otherwise
+    every token for DeepSpeed-Chat's format and the assistant turns for a chat template."""
+    if loss_on is not None:
+        return loss_on
+    return "all" if chat_template == DSCHAT else "response"

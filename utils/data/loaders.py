@@ -37,8 +37,8 @@ class _Rows:
     def _rows(self, indices: list[int]) -> list[dict]:
         columns = self.dataset[indices]  # one batched read (Arrow), then back to rows
         return [
-            {"input_ids": ids, "prompt_len": p}
-            for ids, p in zip(columns["input_ids"], columns["prompt_len"], strict=True)
+            {"input_ids": ids, "loss_spans": spans}
+            for ids, spans in zip(columns["input_ids"], columns["loss_spans"], strict=True)
         ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -70,6 +71,18 @@ def find_split_files(folder: str) -> dict[str, list[str]]:
     return found
 
 
+def part_files(path: str, part: str) -> list[str]:
+    """The files a local source's "train" or "eval" rows come from (for messages); a
+    source without an eval file takes its eval rows from the train files."""
+    if os.path.isfile(path):
+        return [path]
+    if is_saved_dataset(path) or not os.path.isdir(path):
+        return []
+    found = find_split_files(path)
+    name = next((n for n in EVAL_SPLITS if n in found), "train") if part == "eval" else "train"
+    return found.get(name, [])
+
+
 def load_files(files: list[str], cache_dir: str) -> Dataset:
     builders = {BUILDERS.get(os.path.splitext(f)[1].lower()) for f in files}
     if len(builders) != 1 or None in builders:
@@ -83,6 +96,8 @@ def load_files(files: list[str], cache_dir: str) -> Dataset:
             f"{empty[0]} is empty: every data file needs rows. Fill it or remove it "
             "(a folder without an eval file takes its eval rows from a 9:1 split of train)."
         )
+    if builder in ("json", "csv") and (problem := _find_bad_utf8(files)):
+        raise DataError(problem)
     try:
         return load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
     except (DatasetGenerationError, pyarrow.ArrowException, ValueError) as err:
@@ -94,6 +109,41 @@ def load_files(files: list[str], cache_dir: str) -> Dataset:
 def _is_blank(path: str) -> bool:
     with open(path, "rb") as f:
         return not f.read(4096).strip() and os.path.getsize(path) <= 4096
+
+
+def _find_bad_utf8(files: list[str]) -> str | None:
+    """File and line of the first bytes that are not UTF-8. Checked before reading: the
+    JSON reader lets such bytes into the rows, where they fail later without a name."""
+    for path in files:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        offset = 0  # of the chunk being decoded, in the file
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as err:
+                    # err.object is this chunk after any bytes held back from the last one.
+                    return _bad_byte(path, offset - (len(err.object) - len(chunk)) + err.start)
+                offset += len(chunk)
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                return (
+                    f"{path}: ends inside a UTF-8 character (the file is cut short); copy it again"
+                )
+    return None
+
+
+def _bad_byte(path: str, position: int) -> str:
+    """The message for the byte at `position`; lines are counted only now, on failure."""
+    with open(path, "rb") as f:
+        before = f.read(position)
+        byte = f.read(1)
+    line, column = before.count(b"\n") + 1, position - before.rfind(b"\n")
+    return (
+        f"{path}:{line}: not UTF-8 text (byte {byte[0]:#04x} at column {column}); save the "
+        "file as UTF-8, e.g. with `iconv -f latin1 -t utf-8` if it is Latin-1"
+    )
 
 
 def _find_bad_json(files: list[str]) -> str | None:

@@ -49,15 +49,15 @@ class LengthGroupedSampler:
         self.seed = seed
         self.group_by_length = group_by_length
         self.epoch = 0
-        self.skip = 0
+        self.remaining: list[list[int]] | None = None
 
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+    def set_epoch(self, epoch: int, batches: list[list[int]] | None = None) -> None:
         """A new order every epoch (DeepSpeed-Chat never tells its sampler the epoch).
 
-        `skip`: the epoch's first micro-batches were already trained (a resumed run); only
-        their indices are drawn, no row is read or collated.
+        `batches`: the global micro-batches this epoch still has to train, when a resumed run
+        continues it (utils/engine/elastic_position.py works them out); default: all of them.
         """
-        self.epoch, self.skip = epoch, skip
+        self.epoch, self.remaining = epoch, batches
 
     @property
     def num_rows(self) -> int:
@@ -68,7 +68,8 @@ class LengthGroupedSampler:
         return ceil_div(self.num_rows, self.batch_size * self.world_size)
 
     def __iter__(self) -> Iterator[list[int]]:
-        for global_batch in self.global_batches()[self.skip :]:
+        batches = self.global_batches() if self.remaining is None else self.remaining
+        for global_batch in batches:
             # Strided dealing: each rank gets rows from the whole sorted global batch, so
             # all ranks pad to about the same width and finish their steps together.
             mine = global_batch[self.rank :: self.world_size]

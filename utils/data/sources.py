@@ -10,7 +10,14 @@ from datasets import Dataset, load_dataset
 
 from utils.data.common import DataError
 from utils.data.formats import Formatter, detect_format
-from utils.data.local import BUILDERS, EVAL_SPLITS, fingerprint_path, load_local
+from utils.data.local import (
+    BUILDERS,
+    EVAL_SPLITS,
+    find_split_files,
+    fingerprint_path,
+    is_saved_dataset,
+    load_local,
+)
 from utils.data.registry import DATASETS, CatalogueEntry
 
 JSONFILE_DIR = "data"  # local/jsonfile reads data/train.json and data/eval.json (DeepSpeed-Chat)
@@ -36,11 +43,47 @@ def resolve_sources(data_path: list[str], sft_only_data_path: list[str]) -> list
                 problems.append(str(err))
     if not sources and not problems:
         problems.append("no data: pass --data_path (or --sft_only_data_path)")
+    problems += duplicate_problems(sources)
     if sources and sum(s.weight for s in sources) <= 0:
         problems.append("data weights sum to 0: give at least one data set a weight above 0")
     if problems:
         raise DataError("\n".join(problems))
     return sources
+
+
+def duplicate_problems(sources: list[Source]) -> list[str]:
+    """Sources that read the same rows: the same name, or the same file however it is
+    spelled (relative, absolute, through a symlink or a hard link, or a folder and a file
+    inside it). Refused rather than silently deduplicated: DeepSpeed-Chat trains such rows
+    twice, and which copy to drop (with which weight) is the user's call; NAME:2 says it."""
+    owner: dict[object, Source] = {}
+    problems = []
+    for source in sources:
+        for key, what in _identities(source):
+            first = owner.setdefault(key, source)
+            if first is not source:
+                both = (
+                    f"data source {first.name!r} is given twice"
+                    if first.name == source.name
+                    else f"data sources {first.name!r} and {source.name!r} both read {what}"
+                )
+                problems.append(
+                    f"{both}, so its rows would train twice; give it once (to train it twice "
+                    f"as often, write {first.name}:2)"
+                )
+                break
+    return problems
+
+
+def _identities(source: Source) -> list[tuple[object, str]]:
+    """(identity, description) of everything `source` reads: its files, or its hub name."""
+    if source.path is None:
+        return [(("hub", source.name), source.name)]
+    if os.path.isdir(source.path) and not is_saved_dataset(source.path):
+        files = [f for group in find_split_files(source.path).values() for f in group]
+    else:
+        files = [source.path]
+    return [((os.stat(f).st_dev, os.stat(f).st_ino), f) for f in sorted(set(files))]
 
 
 def resolve_source(spec: str, sft_only: bool = False) -> Source:

@@ -36,14 +36,22 @@ def parse_data_split(text: str) -> list[float]:
 
 
 def partition_bounds(n: int, weights: list[float]) -> list[int]:
-    """Cut points of contiguous partitions proportional to `weights`, summing exactly to n."""
-    total = sum(weights)
-    bounds, acc = [0], 0.0
-    for w in weights[:-1]:
-        acc += w
-        bounds.append(int(np.floor(n * acc / total + 0.5)))
-    bounds.append(n)
-    return bounds
+    """Cut points of contiguous partitions proportional to `weights`, summing exactly to n.
+
+    DeepSpeed-Chat's arithmetic, so the same seed selects the same rows: every phase after
+    the first gets round(share * n) rows (Python's round, half to even) and the first
+    absorbs the rounding (n = 1001 with 2,4,4 gives 201, 400, 400). DeepSpeed-Chat's first
+    cut can go negative (first weight 0, the other shares rounding up past n; its slices
+    then wrap around and overlap): there the first phase gets no rows and the later phases
+    keep DeepSpeed-Chat's cuts, so the partitions stay disjoint.
+    """
+    total = float(sum(weights))
+    bounds = [n]
+    for w in reversed(weights[1:]):
+        # Share first, then times n: DeepSpeed-Chat's float operations, so ties round alike.
+        bounds.append(bounds[-1] - round(float(w) / total * float(n)))
+    bounds[-1] = max(bounds[-1], 0)
+    return [0, *reversed(bounds)]
 
 
 def partition(n: int, weights: list[float], seed: int, index: int) -> np.ndarray:

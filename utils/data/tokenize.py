@@ -1,4 +1,8 @@
-"""Tokenise (prompt, response) rows into {"input_ids", "prompt_len"} with batched datasets.map."""
+"""Tokenise (prompt, response) rows into {"input_ids", "loss_spans"} with batched datasets.map.
+
+This is DeepSpeed-Chat's format (--chat_template dschat); utils/data/chat_rows.py writes
+the same columns for rows rendered through a chat template.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,11 @@ PARALLEL_MIN_ROWS = 50_000
 # Extra column dropped before the result is returned; it feeds the per-source statistics.
 TRUNCATED = "truncated"
 FEATURES = Features(
-    {"input_ids": List(Value("int32")), "prompt_len": Value("int32"), TRUNCATED: Value("bool")}
+    {
+        "input_ids": List(Value("int32")),
+        "loss_spans": List(List(Value("int32"))),  # [[start, end], ...]: what trains
+        TRUNCATED: Value("bool"),
+    }
 )
 
 
@@ -28,8 +36,8 @@ def tokenize_rows(
 ) -> Dataset:
     """input_ids = tokenizer(prompt) + tokenizer(response + eot, no specials), cut at max_seq_len.
 
-    prompt_len counts the leading prompt tokens (clipped to the row length) so the
-    collator can mask the prompt from the loss.
+    loss_spans holds one span, the response: from the end of the prompt (clipped to the
+    row length) to the end of the row; none when truncation left no response token.
     """
 
     def tokenize_batch(batch: dict[str, list[str]]) -> dict[str, list]:
@@ -40,9 +48,12 @@ def tokenize_rows(
             return_attention_mask=False,
         )["input_ids"]
         ids = [p + r for p, r in zip(prompts, responses, strict=True)]
+        kept = [x[:max_seq_len] for x in ids]
         return {
-            "input_ids": [x[:max_seq_len] for x in ids],
-            "prompt_len": [min(len(p), max_seq_len) for p in prompts],
+            "input_ids": kept,
+            "loss_spans": [
+                response_span(len(p), len(x)) for p, x in zip(prompts, kept, strict=True)
+            ],
             TRUNCATED: [len(x) > max_seq_len for x in ids],
         }
 
@@ -58,6 +69,11 @@ def tokenize_rows(
         load_from_cache_file=False,
         desc="Tokenising",
     )
+
+
+def response_span(prompt_len: int, row_len: int) -> list[list[int]]:
+    """[[prompt_len, row_len]], or [] when the prompt fills the (truncated) row."""
+    return [[prompt_len, row_len]] if prompt_len < row_len else []
 
 
 def pick_num_proc(rows: int, requested: int) -> int | None:

@@ -48,21 +48,20 @@ class StepPlan:
         return min(self.uncapped_steps, self.max_steps or self.uncapped_steps)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataPosition:
-    """Where training stands: `micro_batches` of epoch `epoch` have been trained on.
+    """Where training stands: the first `rows_done` rows of epoch `epoch`'s order are trained.
 
-    Always at a window's end: that is where steps, and so checkpoints, happen.
+    Counted in rows (packed rows under --packing), not micro-batches, so a run resumed with
+    another micro-batch or number of ranks knows exactly which rows are left. The epoch's
+    order is the sampler's for `order_rows_per_micro_step` rows per micro-step (micro-batch
+    x ranks), which decides how it shuffles (utils/engine/elastic_position.py). Always at a
+    window's end: that is where steps, and so checkpoints, happen.
     """
 
     epoch: int = 0
-    micro_batches: int = 0
-
-    def advance(self, window: Window) -> None:
-        self.micro_batches += len(window.batches)
-
-    def next_epoch(self) -> None:
-        self.epoch, self.micro_batches = self.epoch + 1, 0
+    rows_done: int = 0
+    order_rows_per_micro_step: int = 0  # 0: the epoch has not begun (any order will do)
 
 
 @dataclass

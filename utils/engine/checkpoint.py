@@ -7,13 +7,17 @@ Layout under --output_dir (DeepSpeed's, so its tools such as zero_to_fp32.py wor
 
 A checkpoint is written under the temporary name `.tmp-checkpoint-<step>`; when every
 rank has finished writing, rank 0 adds run_state.json, renames the folder and then
-rewrites `latest` (both atomic renames). A run killed mid-save therefore leaves only a
-`.tmp-` folder, which resuming ignores and the next save deletes.
+rewrites `latest` (both atomic renames). A checkpoint is deleted (pruned, or replaced by
+a new timeline) the other way round: renamed to `.tmp-checkpoint-<step>.removing` first,
+then deleted. A run killed at any moment therefore leaves complete checkpoints and `.tmp-`
+folders, which resuming ignores and rank 0 deletes when the next run starts.
 
 Exact resume restores: weights, optimizer, LR schedule, loss scaler and step counters
 (DeepSpeed), every rank's Python/NumPy/torch/accelerator RNG streams, and the data
-position (epoch + micro-batches already consumed in it; the sampler replays the epoch's
-order and skips that many batches).
+position (epoch + rows of its order already trained; see utils/engine/elastic_position.py).
+run_state.json also records the run's settings and shape: a resume that would change the
+run is refused (utils/engine/run_settings.py), one on another number of ranks or ZeRO
+stage goes through DeepSpeed's universal checkpoint (utils/engine/resume.py).
 
 Test hook (the only one): SFT_TEST_SLOW_SAVE_STEP=N makes rank 0 sleep 60 s while the
 checkpoint of step N is still unpublished, so a test can SIGKILL the run mid-save.
@@ -25,19 +29,30 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
-from utils.distributed import DistInfo, barrier, print_rank_0, warn_rank_0
+from utils.distributed import DistInfo, barrier, print_rank_0, rank_zero_first, warn_rank_0
 from utils.engine.accumulation import DataPosition
-from utils.engine.checkpoint_checks import RUN_STATE, RunShape, check_resumable, run_shape
+from utils.engine.checkpoint_checks import (
+    PREFIX,
+    RUN_STATE,
+    RunShape,
+    check_files,
+    check_model,
+    published_checkpoints,
+    read_run_state,
+    run_shape,
+)
 from utils.engine.config import CheckpointConfig
 from utils.engine.ds_config import EngineSetup
+from utils.engine.elastic import MARKER, with_universal_loading
 from utils.engine.preemption import install_preemption_handlers, stop_requested
-from utils.engine.resume_state import gather_rng_states, replay_cpu_adam_steps, set_rng_state
+from utils.engine.resume import check_settings, load_checkpoint, prepare_load, rank_0_does
+from utils.engine.resume_state import gather_rng_states
 from utils.errors import UserError
-from utils.model.save import fsync_tree
+from utils.files import fsync_tree
 
-PREFIX = "checkpoint-"
 TEMP_PREFIX = ".tmp-"
 LATEST = "latest"
 SLOW_SAVE_ENV = "SFT_TEST_SLOW_SAVE_STEP"
@@ -59,19 +74,6 @@ def checkpoint_problems(cfg: CheckpointConfig) -> list[str]:
     return problems
 
 
-def published_checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every complete checkpoint in `output_dir`, oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        path = os.path.join(output_dir, name)
-        step = name.removeprefix(PREFIX)
-        if name.startswith(PREFIX) and step.isdigit() and os.path.isfile(f"{path}/{RUN_STATE}"):
-            found.append((int(step), path))
-    return sorted(found)
-
-
 def find_checkpoint(cfg: CheckpointConfig, output_dir: str) -> str | None:
     """The checkpoint folder to resume from, or None to start fresh."""
     path = cfg.resume_from_checkpoint
@@ -89,9 +91,17 @@ def find_checkpoint(cfg: CheckpointConfig, output_dir: str) -> str | None:
         return found[-1][1] if found else None
     if os.path.isfile(os.path.join(path, RUN_STATE)):
         return path
+    if os.path.isfile(os.path.join(path, MARKER)):  # our universal conversion of a checkpoint
+        return os.path.dirname(os.path.abspath(path))
     found = published_checkpoints(path)
     if found:
         return found[-1][1]
+    if os.path.isdir(os.path.join(path, "zero")):  # made by DeepSpeed's ds_to_universal
+        raise UserError(
+            f"--resume_from_checkpoint {path!r} is a universal checkpoint made outside this "
+            "tool, without the run's state; pass the checkpoint-<step> folder it came from "
+            "(a checkpoint of another shape is converted automatically)."
+        )
     raise UserError(
         f"--resume_from_checkpoint {path!r} is neither a complete checkpoint (no {RUN_STATE}; "
         f"an interrupted save leaves a {TEMP_PREFIX}{PREFIX}<step> folder) nor a folder holding "
@@ -99,47 +109,35 @@ def find_checkpoint(cfg: CheckpointConfig, output_dir: str) -> str | None:
     )
 
 
-def load_checkpoint(engine, path: str) -> DataPosition:
-    """Restore the engine, this rank's RNG streams and the data position from `path`."""
-    load_dir, tag = os.path.split(os.path.abspath(path))
-    loaded, client_state = engine.load_checkpoint(load_dir, tag=tag)
-    if loaded is None:
-        raise UserError(f"DeepSpeed could not load checkpoint {path}; see the log above.")
-    set_rng_state(client_state["rng"][engine.global_rank])
-    replay_cpu_adam_steps(engine)
-    position = DataPosition(**client_state["position"])
-    print_rank_0(
-        f"resumed from {path}: step {engine.global_steps}, epoch {position.epoch + 1}, "
-        f"{position.micro_batches} micro-batches into it"
-    )
-    return position
-
-
 def save_checkpoint(
-    engine, output_dir: str, position: DataPosition, shape: RunShape, dist: DistInfo
+    engine, output_dir: str, position: DataPosition, record: dict[str, Any], dist: DistInfo
 ) -> str:
-    """Write a checkpoint of the current step on every rank; publish it when all are done."""
+    """Write a checkpoint of the current step on every rank; publish it when all are done.
+
+    `record`: what run_state.json says about the run besides its position (shape, settings).
+    """
     step = engine.global_steps
     tag = f"{PREFIX}{step}"
     temp = os.path.join(output_dir, TEMP_PREFIX + tag)
-    if dist.is_main:
-        _remove_stale(output_dir)
-    barrier()
+    with rank_zero_first("clear stale checkpoint folders"):
+        if dist.is_main:
+            sweep_stale(output_dir)
     client_state = {"position": asdict(position), "rng": gather_rng_states()}
     engine.save_checkpoint(
         output_dir, tag=TEMP_PREFIX + tag, client_state=client_state, save_latest=False
     )
     barrier()  # every rank's files are written
     final = os.path.join(output_dir, tag)
-    if dist.is_main:
-        if os.environ.get(SLOW_SAVE_ENV) == str(step):
-            time.sleep(60)
-        state = {"step": step, "position": asdict(position), "shape": asdict(shape)}
-        state["files"] = sorted(os.listdir(temp))
-        _write_atomically(os.path.join(temp, RUN_STATE), json.dumps(state))
-        fsync_tree(temp)
-        _publish(temp, final, step, output_dir)
-    barrier()
+    # Flushing a large checkpoint can outlast --dist_timeout_minutes: the others poll.
+    with rank_zero_first(f"publish checkpoint {final}"):
+        if dist.is_main:
+            if os.environ.get(SLOW_SAVE_ENV) == str(step):
+                time.sleep(60)
+            state = {"step": step, "position": asdict(position), **record}
+            state["files"] = sorted(os.listdir(temp))
+            _write_atomically(os.path.join(temp, RUN_STATE), json.dumps(state))
+            fsync_tree(temp)
+            _publish(temp, final, step, output_dir)
     return final
 
 
@@ -148,8 +146,7 @@ def _publish(temp: str, final: str, step: int, output_dir: str) -> None:
     # resumed from an older checkpoint, or a fresh start); `auto` must never pick them.
     for other_step, other in published_checkpoints(output_dir):
         if other_step >= step:
-            os.remove(os.path.join(other, RUN_STATE))  # unpublish first, then delete
-            shutil.rmtree(other)
+            unpublish(other)
     os.replace(temp, final)
     _write_atomically(os.path.join(output_dir, LATEST), os.path.basename(final))
 
@@ -159,15 +156,28 @@ def prune_checkpoints(output_dir: str, keep: int | None) -> None:
     if keep is None:
         return
     for _, path in published_checkpoints(output_dir)[:-keep]:
-        os.remove(os.path.join(path, RUN_STATE))
-        shutil.rmtree(path)
+        unpublish(path)
 
 
-def _remove_stale(output_dir: str) -> None:
-    """Folders of saves killed before publishing (no run owns them any more)."""
-    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+def unpublish(path: str) -> None:
+    """Delete a checkpoint so that a kill at any moment leaves it whole or a `.tmp-` folder:
+    one atomic rename takes it out of view (auto never sees half of it), then the delete."""
+    parent, name = os.path.split(path)
+    doomed = os.path.join(parent, f"{TEMP_PREFIX}{name}.removing")
+    shutil.rmtree(doomed, ignore_errors=True)  # an earlier kill's leftover of the same name
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
+
+
+def sweep_stale(output_dir: str | None) -> None:
+    """Remove what killed saves and deletes left (no run owns them any more; rank 0)."""
+    names = os.listdir(output_dir) if output_dir and os.path.isdir(output_dir) else []
+    for name in names:
+        path = os.path.join(output_dir, name)
         if name.startswith(TEMP_PREFIX + PREFIX):
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)
+        elif name == f"{LATEST}.tmp":
+            os.remove(path)
 
 
 def _write_atomically(path: str, text: str) -> None:
@@ -181,22 +191,42 @@ def _write_atomically(path: str, text: str) -> None:
 
 @dataclass
 class Checkpointer:
-    """When to checkpoint, and whether the run was asked to stop (used by the training loop)."""
+    """The checkpoint a run continues, and when to write the next one (used by the loop)."""
 
     cfg: CheckpointConfig
     output_dir: str
-    shape: RunShape
+    settings: dict[str, Any]  # recorded in every checkpoint (utils/engine/run_settings.py)
     dist: DistInfo
-    resume_from: str | None = None
+    resume_from: str | None = None  # the checkpoint folder to continue
+    state: dict | None = None  # its run_state.json
+    universal: str | None = None  # its universal conversion, when the run's shape changed
+    shape: RunShape | None = None  # this run's (set by engine_setup)
     start: DataPosition = field(default_factory=DataPosition)
     saved_step: int = -1  # the step whose checkpoint already exists (never written twice)
     preempted: str | None = None
 
+    def engine_setup(self, model, setup: EngineSetup) -> EngineSetup:
+        """Vet the checkpoint against the model and this run's ranks and ZeRO stage; the
+        setup to build the engine with (it loads a universal checkpoint if the shape changed)."""
+        self.shape = run_shape(model, self.dist.world_size, setup.zero_stage)
+        if not self.resume_from:
+            return setup
+        check_model(self.resume_from, self.state, self.shape)
+        self.universal = prepare_load(self.resume_from, self.state, self.shape, self.dist)
+        if self.universal:
+            return replace(setup, config=with_universal_loading(setup.config))
+        return setup
+
     def resume(self, engine) -> DataPosition:
         """Load the checkpoint chosen at start-up (if any); the position training continues from."""
         if self.resume_from:
-            self.start = load_checkpoint(engine, self.resume_from)
+            self.start = load_checkpoint(engine, self.resume_from, self.state, self.universal)
             self.saved_step = engine.global_steps
+            rows = self.start.rows_done
+            print_rank_0(
+                f"resumed from {self.resume_from}: step {engine.global_steps}, epoch "
+                f"{self.start.epoch + 1}, {rows} {'row' if rows == 1 else 'rows'} into it"
+            )
         return self.start
 
     def after_step(self, engine, position: DataPosition) -> bool:
@@ -217,7 +247,8 @@ class Checkpointer:
     def _save(self, engine, position: DataPosition) -> None:
         if self.saved_step == engine.global_steps:
             return
-        path = save_checkpoint(engine, self.output_dir, position, self.shape, self.dist)
+        record = {"shape": asdict(self.shape), "settings": self.settings}
+        path = save_checkpoint(engine, self.output_dir, position, record, self.dist)
         if self.dist.is_main:
             prune_checkpoints(self.output_dir, self.cfg.save_total_limit)
         self.saved_step = engine.global_steps
@@ -231,15 +262,37 @@ class Checkpointer:
             )
         return bool(self.preempted)
 
+    def advice_after_failed_save(self, step: int) -> str:
+        """Where the trained state survives when the final save of step `step` fails."""
+        if self.saved_step == step:
+            return (
+                f"The trained weights are safe in {self.output_dir}/{PREFIX}{step}: once there "
+                "is room, rerun the same command with --resume_from_checkpoint auto; it trains "
+                "nothing more and saves them."
+            )
+        if self.saved_step >= 0:
+            return (
+                f"The newest checkpoint is {PREFIX}{self.saved_step} ({step - self.saved_step} "
+                "steps before the end): --resume_from_checkpoint auto continues from it."
+            )
+        return (
+            "No checkpoint holds the trained weights (--save_steps 0), so the run must be "
+            "repeated; --save_steps N keeps a resumable copy."
+        )
+
 
 def build_checkpointer(
-    cfg: CheckpointConfig, output_dir: str, model, setup: EngineSetup, dist: DistInfo
+    cfg: CheckpointConfig, output_dir: str, settings: dict[str, Any], dist: DistInfo
 ) -> Checkpointer:
-    """Pick and vet the checkpoint to resume (before the engine exists, so a refusal is
-    cheap), and route SIGTERM/SIGUSR1 to checkpoint-and-exit from here on."""
-    shape = run_shape(model, dist.world_size, setup.zero_stage)
+    """Clear what killed runs left, pick the checkpoint to resume and vet it (before the
+    model loads, so a refusal is cheap), and route SIGTERM/SIGUSR1 to checkpoint-and-exit."""
+    if dist.is_main:
+        sweep_stale(output_dir)
     path = find_checkpoint(cfg, output_dir)
+    state = None
     if path:
-        check_resumable(path, shape)
+        state = read_run_state(path)
+        check_settings(path, state["settings"], settings)
+        rank_0_does(lambda: check_files(path, state), dist, "check the checkpoint's files")
     install_preemption_handlers()
-    return Checkpointer(cfg=cfg, output_dir=output_dir, shape=shape, dist=dist, resume_from=path)
+    return Checkpointer(cfg, output_dir, settings, dist, resume_from=path, state=state)

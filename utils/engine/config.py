@@ -57,6 +57,12 @@ class EngineConfig:
         choices=DTYPES,
     )
     local_rank: int = flag(-1, "Set by the DeepSpeed launcher.")
+    dist_timeout_minutes: float = flag(
+        10.0,
+        "Minutes a rank waits inside a collective for the others before the run stops (a "
+        "rank that died or hung). Waits for rank 0's own work (data cache, saving) end as "
+        "soon as rank 0 fails or exits, else after 6 hours.",
+    )
     # --deepspeed_config (a JSON file merged over the flags' config) is DeepSpeed's own flag.
     deepspeed_config: str | None = declared_elsewhere(None, by="deepspeed.add_config_arguments")
 

@@ -41,7 +41,7 @@ import torch
 
 from utils.engine.checkpoint_checks import RunShape
 from utils.errors import UserError
-from utils.model.save import fsync_tree
+from utils.files import fsync_tree
 
 UNIVERSAL_DIR = "universal"  # inside checkpoint-<step>/, so pruning removes it with its source
 MARKER = "converted.json"  # written last: a converted folder without it is not ours

@@ -1,20 +1,24 @@
-"""The data position when a resumed run has another batch geometry (world size, micro-batch).
+"""Where an epoch continues, even when a resumed run has another batch geometry.
 
 An epoch's order is a function of (seed, epoch, rows per micro-step = micro-batch x world
 size): the sampler shuffles, groups by length and cuts global micro-batches of that many
 rows. A run resumed with another number of rows per micro-step would draw a different
-permutation, so "N samples in" would train some rows twice and skip others. The rule:
+permutation, so "N micro-batches in" would train some rows twice and skip others. The rule:
 
-- A position is (epoch, rows of the epoch's order already trained, the rows per
-  micro-step that defined that order). Each micro-step trains a contiguous slice of the
-  order, so one row count says exactly which rows are done.
+- A position (DataPosition) is (epoch, rows of the epoch's order already trained, the rows
+  per micro-step that defined that order). Each micro-step trains a contiguous slice of
+  the order, so one row count says exactly which rows are done.
 - Resuming with the same rows per micro-step at a batch boundary skips whole
   micro-batches: the loader's own order, bit for bit as an uninterrupted run.
 - Otherwise the order is replayed, its first `rows_done` rows dropped, and the rest cut
   into the new geometry's global micro-batches and dealt across the new ranks; the
   position keeps counting rows of the same order, so a second change of shape within
   the epoch still trains every row exactly once.
-- The next epoch is ordered by the new geometry.
+- An epoch not yet begun (and every later epoch) is ordered by the new geometry.
+
+With the global batch (micro x ranks x accumulation) unchanged, as a resume requires
+(utils/engine/run_settings.py), every optimizer step of the replayed epoch trains the rows
+the saved run's step would have, and the schedule keeps its length.
 """
 
 from __future__ import annotations
@@ -22,27 +26,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from utils.data.sampler import FILLER, LengthGroupedSampler
-
-
-@dataclass(frozen=True)
-class BatchGeometry:
-    micro_batch: int  # rows per rank and micro-step (packed rows with --packing)
-    world_size: int
-    accumulation: int
-
-    @property
-    def rows_per_micro_step(self) -> int:
-        return self.micro_batch * self.world_size
-
-
-@dataclass(frozen=True)
-class EpochPosition:
-    """What a checkpoint records about the data."""
-
-    epoch: int
-    rows_done: int  # rows of the epoch's order already trained
-    order_rows_per_micro_step: int  # the geometry that ordered this epoch
+from utils.data.sampler import LengthGroupedSampler
+from utils.engine.accumulation import DataPosition
+from utils.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -54,11 +40,25 @@ class EpochOrder:
     group_by_length: bool = True
 
 
-@dataclass(frozen=True)
-class Resume:
-    start: EpochPosition
+@dataclass
+class EpochProgress:
+    """The epoch under way: its remaining global micro-batches and how far training got."""
+
+    start: DataPosition
     batches: list[list[int]]  # the epoch's remaining global micro-batches (all ranks' rows)
-    skip: int | None  # the loader's own order continues: skip this many micro-batches
+    skip: int | None  # None: replayed; else the loader's own order minus `skip` micro-batches
+    trained: int = 0  # micro-batches of `batches` trained so far
+    rows: int = 0  # their rows
+
+    def advance(self, micro_batches: int) -> DataPosition:
+        """The position after `micro_batches` more micro-batches (what a checkpoint records)."""
+        for batch in self.batches[self.trained : self.trained + micro_batches]:
+            self.rows += len(batch)
+        self.trained += micro_batches
+        start = self.start
+        return DataPosition(
+            start.epoch, start.rows_done + self.rows, start.order_rows_per_micro_step
+        )
 
 
 def epoch_batches(order: EpochOrder, epoch: int, rows_per_micro_step: int) -> list[list[int]]:
@@ -70,35 +70,36 @@ def epoch_batches(order: EpochOrder, epoch: int, rows_per_micro_step: int) -> li
     return sampler.global_batches()
 
 
-def resume_position(saved: EpochPosition, current: BatchGeometry, order: EpochOrder) -> Resume:
-    """Where the interrupted epoch continues under `current` (see the rule above)."""
+def resume_position(
+    saved: DataPosition, rows_per_micro_step: int, order: EpochOrder
+) -> EpochProgress:
+    """Where `saved`'s epoch continues with `rows_per_micro_step` rows per micro-step."""
+    if saved.rows_done == 0:  # nothing of the epoch trained: this geometry's own order
+        start = DataPosition(saved.epoch, 0, rows_per_micro_step)
+        return EpochProgress(start, epoch_batches(order, saved.epoch, rows_per_micro_step), skip=0)
+    if saved.rows_done > len(order.lengths):  # the data check makes this unreachable, unless forced
+        raise UserError(
+            f"the checkpoint is {saved.rows_done} rows into epoch {saved.epoch + 1}, which has "
+            f"only {len(order.lengths)} rows: it was trained on other data. Resume with its data."
+        )
     batches = epoch_batches(order, saved.epoch, saved.order_rows_per_micro_step)
     done, boundary = 0, None
-    for index, batch in enumerate(batches):
+    for index, batch in enumerate([*batches, []]):
         if done == saved.rows_done:
             boundary = index
             break
         done += len(batch)
-    else:
-        boundary = len(batches) if done == saved.rows_done else None
-    if boundary is not None and current.rows_per_micro_step == saved.order_rows_per_micro_step:
-        return Resume(saved, batches[boundary:], skip=boundary)
+    if boundary is not None and rows_per_micro_step == saved.order_rows_per_micro_step:
+        return EpochProgress(saved, batches[boundary:], skip=boundary)
     rest = [row for batch in batches for row in batch][saved.rows_done :]
-    size = current.rows_per_micro_step
+    size = rows_per_micro_step
     cut = [rest[start : start + size] for start in range(0, len(rest), size)]
-    return Resume(saved, cut, skip=None)
+    return EpochProgress(saved, cut, skip=None)
 
 
-def deal(batches: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
-    """This rank's micro-batches: strided like the sampler's, FILLER where it gets no row."""
-    return [batch[rank::world_size] or [FILLER] for batch in batches]
-
-
-def advance(resume: Resume, micro_batches: int) -> EpochPosition:
-    """The position after training the first `micro_batches` of `resume.batches` (to save)."""
-    rows = sum(len(batch) for batch in resume.batches[:micro_batches])
-    return EpochPosition(
-        resume.start.epoch,
-        resume.start.rows_done + rows,
-        resume.start.order_rows_per_micro_step,
-    )
+def start_epoch(sampler: LengthGroupedSampler, position: DataPosition) -> EpochProgress:
+    """Point this rank's sampler at what remains of `position`'s epoch; count from there."""
+    order = EpochOrder(sampler.lengths.tolist(), sampler.seed, sampler.group_by_length)
+    progress = resume_position(position, sampler.batch_size * sampler.world_size, order)
+    sampler.set_epoch(position.epoch, batches=progress.batches)
+    return progress

@@ -18,9 +18,16 @@ from torch.utils.data import DataLoader
 
 from utils.data.common import IGNORE_INDEX
 from utils.distributed import DistInfo, all_reduce_max, all_reduce_sum, print_rank_0
-from utils.engine.accumulation import StepPlan, Window, accumulation_windows, micro_batch_loss
+from utils.engine.accumulation import (
+    DataPosition,
+    StepPlan,
+    Window,
+    accumulation_windows,
+    micro_batch_loss,
+)
 from utils.engine.checkpoint import Checkpointer
 from utils.engine.config import TrainConfig
+from utils.engine.elastic_position import start_epoch
 from utils.model.loss import LossPath, count_trained, prepare_batch, summed_nll
 from utils.observe.progress import RunMonitor, grad_norm
 from utils.observe.throughput import ThroughputMeter, format_throughput
@@ -61,8 +68,9 @@ def train(loop: TrainLoop, cfg: TrainConfig) -> list[EvalResult]:
         for epoch in range(position.epoch, cfg.num_train_epochs):
             if engine.global_steps >= plan.total_steps:  # resumed from the run's last checkpoint
                 break
-            # A new order every epoch (DeepSpeed-Chat never tells its sampler the epoch).
-            loop.train_loader.sampler.set_epoch(epoch, skip=position.micro_batches)
+            # A new order every epoch (DeepSpeed-Chat never tells its sampler the epoch); a
+            # resumed epoch goes on with the rows its checkpoint had not trained yet.
+            progress = start_epoch(loop.train_loader.sampler, position)
             print_rank_0(
                 f"Beginning of Epoch {epoch + 1}/{cfg.num_train_epochs}, "
                 f"Total Micro Batches {len(loop.train_loader.sampler)}"
@@ -72,7 +80,7 @@ def train(loop: TrainLoop, cfg: TrainConfig) -> list[EvalResult]:
             )
             for window in windows:
                 step_nll = train_step(loop, window, cfg.loss_averaging)
-                position.advance(window)
+                position = progress.advance(len(window.batches))
                 log_step(loop, epoch + 1, window, step_nll)
                 if loop.checkpointer.after_step(engine, position):
                     return results
@@ -81,7 +89,7 @@ def train(loop: TrainLoop, cfg: TrainConfig) -> list[EvalResult]:
             label = f"Epoch {epoch + 1}/{cfg.num_train_epochs}"
             with loop.meter.paused():
                 results.append(evaluate_and_report(loop, epoch=epoch + 1, label=label))
-            position.next_epoch()
+            position = DataPosition(epoch + 1)
             if loop.checkpointer.after_epoch(engine, position):
                 return results
         print_rank_0(

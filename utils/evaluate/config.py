@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.data.build import check_data_config
-from utils.data.config import LOSS_ON, DataConfig, default_cache_dir
+from utils.data.config import DSCHAT, LOSS_ON, DataConfig, default_cache_dir, effective_loss_on
 from utils.errors import ConfigError, format_problems
 from utils.evaluate.generation import (
     DECODINGS,
@@ -39,7 +40,9 @@ class PromptEvalConfig:
     eval_data_path: list[str] = field(default_factory=list)
     max_seq_len: int = 512
     max_eval_rows: int | None = None
-    loss_on: str = "all"
+    loss_on: str | None = None  # None: decided by the chat template (effective_loss_on)
+    chat_template: str | None = None  # None: the fine-tuned folder's own, else dschat
+    system_prompt: str | None = None
     data_output_path: str = ""
     output: str | None = None
     ignored_flags: list[str] = field(default_factory=list)
@@ -54,7 +57,15 @@ class PromptEvalConfig:
             max_seq_len=self.max_seq_len,
             seed=self.decoding.seed,
             eot_token=self.eot_token,
+            add_eot_token=self.add_eot_token,
+            chat_template=self.chat_template or DSCHAT,
+            system_prompt=self.system_prompt,
         )
+
+    @property
+    def effective_loss_on(self) -> str:
+        """--loss_on as training decides it: response with a chat template, all for dschat."""
+        return effective_loss_on(self.loss_on, self.chat_template or DSCHAT)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--add_eot_token",
         action="store_true",
         help="Add --eot_token to a tokenizer that lacks it (as training did).",
+    )
+    m.add_argument(
+        "--chat_template",
+        default=None,
+        help="How prompts are written, for both models: 'dschat' (' Human: … Assistant:'), "
+        "'model' (the fine-tuned model's own template) or a Jinja file. Default: the "
+        "fine-tuned folder's template if it has one (main.py saves it), else dschat.",
+    )
+    m.add_argument(
+        "--system_prompt",
+        default=None,
+        help="System turn opening every prompt that has none (needs a chat template).",
     )
     m.add_argument(
         "--trust_remote_code",
@@ -135,8 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--prompts",
         default=None,
-        help="File of prompts, one a line or JSONL with a 'prompt' field; replaces "
-        "the built-in set. Bare questions get the 'Human: ... Assistant:' frame.",
+        help="File of prompts, one a line, or JSONL rows with a 'prompt' string or a "
+        "'messages' list (a multi-turn conversation ending with the user's turn); replaces "
+        "the built-in set. Bare questions get the 'Human: ... Assistant:' frame (dschat) "
+        "or become the user's turn (chat template).",
     )
 
     e = p.add_argument_group("perplexity")
@@ -162,9 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--loss_on",
         choices=LOSS_ON,
-        default="all",
-        help="Tokens the perplexity covers, as main.py's flag of the same name: give "
-        "training's value so the numbers match its evaluation.",
+        default=None,
+        help="Tokens the perplexity covers, as main.py's flag of the same name (default as "
+        "there: all for dschat, response with a chat template): give training's value so "
+        "the numbers match its evaluation.",
     )
     e.add_argument(
         "--data_output_path",
@@ -205,6 +231,8 @@ def parse_args(argv: list[str] | None = None) -> PromptEvalConfig:
         max_seq_len=args.max_seq_len,
         max_eval_rows=args.max_eval_rows,
         loss_on=args.loss_on,
+        chat_template=args.chat_template,
+        system_prompt=args.system_prompt,
         data_output_path=args.data_output_path or default_cache_dir(),
         output=args.output,
     )
@@ -256,9 +284,11 @@ def validate(cfg: PromptEvalConfig) -> None:
         problems.append(f"--penalty_alpha {d.penalty_alpha}: must be in (0, 1]")
     if cfg.eval_data_path:
         # The data layer names main.py's flag; here the paths came from --eval_data_path.
-        problems += [
-            p.replace("--data_path", "--eval_data_path") for p in check_data_config(cfg.eval_data())
-        ]
+        # The template is resolved once the tokenizers load; here only the data flags.
+        data = dataclasses.replace(
+            cfg.eval_data(), chat_template=DSCHAT, system_prompt=None, add_eot_token=False
+        )
+        problems += [p.replace("--data_path", "--eval_data_path") for p in check_data_config(data)]
     if cfg.output and Path(cfg.output).suffix.lower() not in REPORT_FORMATS:
         problems.append(f"--output {cfg.output}: unknown extension; use .md or .json")
     if problems:

@@ -15,6 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, set_seed
 
 from utils.errors import UserError
+from utils.model.folder_checks import unusable_tokenizer, weight_problems
+from utils.model.publish import interrupted_save_problem
 
 DECODINGS = ("greedy", "beam", "sample", "contrastive", "diverse_beam")
 # transformers 5 moved these two searches into Hub repositories whose code it downloads
@@ -75,9 +77,11 @@ def check_model_path(flag: str, path: str) -> str | None:
     """
     local = Path(path).expanduser()
     if local.is_dir():
+        if problem := interrupted_save_problem(str(local)):
+            return f"{flag} {path}: {problem}"
         if not (local / "config.json").is_file():
             return f"{flag} {path}: the folder has no config.json; point it at a saved model folder"
-        return None
+        return next(iter(weight_problems(str(local), flag)), None)
     if local.exists():
         return f"{flag} {path}: is a file; point it at a saved model folder or a Hub model name"
     if path.startswith((".", "/", "~")) or path.endswith("/") or path.count("/") > 1:
@@ -92,6 +96,11 @@ def load_eval_tokenizer(path: str, eot_token: str, add_eot_token: bool, trust_re
     except OSError as error:
         where = "its folder has no usable tokenizer" if Path(path).is_dir() else "the Hub said"
         raise UserError(f"cannot load the tokenizer of {path}: {where}: {error}") from None
+    if reason := unusable_tokenizer(tokenizer):
+        raise UserError(
+            f"{path} has no usable tokenizer ({reason}); copy the model's tokenizer files "
+            "into it (tokenizer.save_pretrained)"
+        )
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         # Padding never reaches the model's answers (attention mask), so any token serves.
@@ -164,9 +173,18 @@ def build_generate_kwargs(cfg: DecodingConfig, tokenizer, eot_token: str) -> dic
 
 
 def generate_answers(
-    model: PreTrainedModel, tokenizer, prompts: list[str], cfg: DecodingConfig, eot_token: str
+    model: PreTrainedModel,
+    tokenizer,
+    prompts: list[str],
+    cfg: DecodingConfig,
+    eot_token: str,
+    add_special_tokens: bool = True,
 ) -> list[list[str]]:
-    """For each prompt, its `num_return_sequences` answers (text after the prompt, cut at eot)."""
+    """For each prompt, its `num_return_sequences` answers (text after the prompt, cut at eot).
+
+    Prompts rendered by a chat template already hold their special tokens (BOS included):
+    pass add_special_tokens=False, as transformers' apply_chat_template does.
+    """
     set_seed(cfg.seed)
     kwargs = build_generate_kwargs(cfg, tokenizer, eot_token)
     answers: list[list[str]] = []
@@ -176,6 +194,7 @@ def generate_answers(
             return_tensors="pt",
             padding=True,
             return_token_type_ids=False,
+            add_special_tokens=add_special_tokens,
         ).to(model.device)
         try:
             with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Perplexity of a causal LM on tokenised SFT rows ({"input_ids", "prompt_len"}).
+"""Perplexity of a causal LM on tokenised SFT rows ({"input_ids", "loss_spans"}).
 
 Token-weighted: the exponential of the mean next-token loss over the tokens the loss
 covers (--loss_on: every non-pad token, or only the responses), computed by the same

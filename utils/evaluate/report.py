@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import unicodedata
 from pathlib import Path
 
 from utils.errors import UserError
+from utils.files import write_atomically
 
 REPORT_FORMATS = {".md": "markdown", ".markdown": "markdown", ".json": "json"}
 
@@ -21,6 +20,7 @@ def build_report(
     prompts: list[str],
     answers: dict[str, list[list[str]]],
     perplexity: dict[str, object] | None,
+    prompt_format: str | None = None,
 ) -> dict:
     """A plain dict (the JSON form): header fields and one row per prompt with both answers.
 
@@ -36,6 +36,7 @@ def build_report(
         "decoding": decoding,
         "runtime": runtime,
         "perplexity": perplexity,
+        "prompt_format": prompt_format,
         "rows": rows,
     }
 
@@ -85,14 +86,7 @@ def save_report(report: dict, path: str | Path) -> None:
         else json.dumps(report, indent=2, ensure_ascii=False) + "\n"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
+    write_atomically(str(path), text)  # with the umask's modes, not mkstemp's 0600
 
 
 def _header_lines(report: dict) -> list[str]:
@@ -103,6 +97,8 @@ def _header_lines(report: dict) -> list[str]:
         "decoding: " + ", ".join(f"{k}={v}" for k, v in report["decoding"].items()),
         "runtime: " + ", ".join(f"{k}={v}" for k, v in report["runtime"].items()),
     ]
+    if report.get("prompt_format"):
+        lines.append(f"prompts: {report['prompt_format']}")
     if ppl:
         lines.append(
             f"perplexity on {ppl['rows']} rows of {' '.join(ppl['data_path'])} "

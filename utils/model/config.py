@@ -18,6 +18,11 @@ class ModelConfig:
     model_name_or_path: str = flag(
         help="A hub model name or a local folder with a saved model and tokenizer."
     )
+    tokenizer_name_or_path: str | None = flag(
+        None,
+        "The tokenizer's folder or hub name, when --model_name_or_path holds no tokenizer "
+        "of its own (default: the model's).",
+    )
     trust_remote_code: bool = flag(
         False, "Allow model code from the model's repository (off by default: it runs code)."
     )
@@ -48,6 +53,10 @@ class ModelConfig:
         "torch.compile the model (off by default: measured no faster on a CPU, and its first "
         "step compiles for minutes; the loss is then the plain one).",
     )
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer_name_or_path or self.model_name_or_path
 
 
 DEFAULT_LORA_SCOPE = "decoder.layers."

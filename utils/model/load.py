@@ -46,6 +46,11 @@ def load_model_config(cfg: ModelConfig) -> PretrainedConfig:
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
+        if os.path.isfile(path):
+            raise UserError(
+                f"--model_name_or_path {path!r} is a file; pass the folder that holds it "
+                f"({os.path.dirname(path) or '.'!r}) with its config.json and tokenizer."
+            ) from err
         if os.path.isdir(path):
             raise UserError(
                 f"--model_name_or_path {path!r} is a folder but not a model folder ({err}). "
@@ -75,13 +80,13 @@ def load_tokenizer(cfg: ModelConfig, eot_token: str | None) -> PreTrainedTokeniz
     """The model's own tokenizer, padding on the right; `eot_token` is added as a special
     token when given (--add_eot_token)."""
     tokenizer = AutoTokenizer.from_pretrained(
-        cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code
+        cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code
     )
     if tokenizer.pad_token is None:
         # Reusing EOS keeps the vocabulary (no untrained embedding); padding is masked
         # by position, never by comparing ids, so EOS inside the text is still learned.
         warn_rank_0(
-            f"the tokenizer of {cfg.model_name_or_path} has no pad token; using its EOS "
+            f"the tokenizer of {cfg.tokenizer_path} has no pad token; using its EOS "
             f"token {tokenizer.eos_token!r} for padding (pad positions never enter the loss)."
         )
         tokenizer.pad_token = tokenizer.eos_token

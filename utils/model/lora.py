@@ -125,12 +125,18 @@ def merged_state_dict(
 ) -> dict[str, torch.Tensor]:
     """CPU state dict of the plain model: every LoRA delta folded into its base weight.
 
-    Non-destructive (training can continue) and walks one layer at a time, so under
-    ZeRO-3 only that layer's parameters are gathered. Every rank must call it (the
+    Non-destructive (training can continue). Every rank must call it under ZeRO-3 (the
     gather is collective); ranks passing `keep=False` get an empty dict.
     """
+    return dict(iter_merged_tensors(model, gather, keep))
+
+
+def iter_merged_tensors(
+    model: nn.Module, gather: Gather = _no_gather, keep: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """merged_state_dict's tensors one at a time, walking one layer at a time, so under
+    ZeRO-3 only that layer's parameters are gathered. Every rank must exhaust it."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     lora_prefixes: list[str] = []
     for name, module in base.named_modules():
@@ -145,15 +151,13 @@ def merged_state_dict(
                 delta = module.get_delta_weight(ADAPTER).float()
                 tensors[prefix + "weight"] = (weight.float() + delta).to(weight.dtype)
                 if keep:
-                    out.update({k: v.detach().cpu().clone() for k, v in tensors.items()})
+                    yield from ((k, v.detach().cpu().clone()) for k, v in tensors.items())
             continue
         params = list(module.parameters(recurse=False))
         with gather(params):
             if keep:
-                out.update(
-                    {k: v.detach().cpu().clone() for k, v in _own_tensors(module, prefix, seen)}
-                )
-    return out
+                for k, v in _own_tensors(module, prefix, seen):
+                    yield k, v.detach().cpu().clone()
 
 
 def lora_state_dict(

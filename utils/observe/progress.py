@@ -12,11 +12,11 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from typing import TextIO
 
 from utils.distributed import is_main_process
+from utils.files import atomic_path, write_atomically
 from utils.observe.config import ObserveConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -176,10 +176,7 @@ def open_metrics(path: str, start_step: int) -> TextIO:
     """
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     kept = [r for r in load_metrics(path) if r.get("step", 0) <= start_step] if start_step else []
-    fd, staging = tempfile.mkstemp(prefix=".metrics-", dir=os.path.dirname(path) or ".")
-    with os.fdopen(fd, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(staging, path)
+    write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
     return open(path, "a")
 
 
@@ -220,10 +217,8 @@ def save_curves(rows: list[dict], path: str) -> bool:
     ppl_axes.set(title="eval perplexity", xlabel="step", ylabel="perplexity")
     for axes in (loss_axes, ppl_axes):
         axes.grid(alpha=0.3)
-    fd, staging = tempfile.mkstemp(prefix=".curves-", suffix=".png", dir=os.path.dirname(path))
-    os.close(fd)
-    figure.savefig(staging, dpi=100)
-    os.replace(staging, path)
+    with atomic_path(path) as staging:
+        figure.savefig(staging, dpi=100, format="png")
     return True
 
 

@@ -10,6 +10,7 @@ only (LoRA skips most); gradient checkpointing repeats the forward. Attention ad
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,19 +19,53 @@ import torch
 
 from utils.distributed import DistInfo, all_reduce_sum
 
-# Dense bf16/fp16 tensor-core peak TFLOP/s per GPU. First name fragment found in the
-# device name wins, so the more specific names come first.
+# Dense (no 2:4 sparsity) bf16/fp16 tensor-core peak TFLOP/s per GPU, from the vendors'
+# datasheets (half their "with sparsity" figures), keyed by the normalised name that
+# torch.cuda.get_device_name() reports. V100 and T4 have no bf16: their fp16 peak.
+# Matched exactly, never by substring: "L40" is not "L4", "H100 NVL" is not the SXM part.
+# Left out on purpose: the A10G (AWS-only; NVIDIA publishes no datasheet and third-party
+# figures disagree) and GeForce cards (their fp32-accumulate rate differs by model).
 PEAK_TFLOPS = {
-    "H100 PCIe": 756.0,
-    "GH200": 989.0,
-    "H100": 989.0,
-    "H200": 989.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "L4": 121.0,
-    "A10": 125.0,
-    "V100": 125.0,
+    "b200": 2250.0,  # HGX B200
+    "h100 hbm3": 989.4,  # "NVIDIA H100 80GB HBM3": the SXM5 part
+    "h100 sxm5": 989.4,
+    "h100 pcie": 756.5,
+    "h100 nvl": 835.5,
+    "h800": 989.4,
+    "h200": 989.4,  # SXM
+    "h200 nvl": 835.5,
+    "gh200": 989.4,  # "NVIDIA GH200 480GB"
+    "gh200 hbm3e": 989.4,  # "NVIDIA GH200 144G HBM3e"
+    "a100 sxm4": 312.0,  # "NVIDIA A100-SXM4-40GB" / "-80GB"
+    "a100 pcie": 312.0,  # "NVIDIA A100-PCIE-40GB", "NVIDIA A100 80GB PCIe"
+    "a800 sxm4": 312.0,
+    "a800 pcie": 312.0,
+    "a30": 165.0,
+    "a40": 149.7,
+    "a10": 125.0,
+    "l40s": 362.05,
+    "l40": 181.05,
+    "l4": 121.0,
+    "rtx 6000 ada generation": 364.2,
+    "rtx a6000": 154.8,
+    "v100 sxm2": 125.0,  # fp16 ("Tesla V100-SXM2-16GB" / "-32GB")
+    "v100 sxm3": 125.0,  # fp16 (DGX-2)
+    "v100 pcie": 112.0,  # fp16
+    "v100s pcie": 130.0,  # fp16
+    "t4": 65.0,  # fp16
 }
+_VENDOR_PREFIXES = ("nvidia ", "tesla ")
+_MEMORY_SIZE = re.compile(r"^\d+gb?$")  # "80gb", "480gb", "144g"
+
+
+def normalize_device_name(name: str) -> str:
+    """'NVIDIA A100-SXM4-80GB' -> 'a100 sxm4': lower case, no vendor prefix, no memory size,
+    '-' and '_' read as spaces. Nothing else is dropped, so distinct parts stay distinct."""
+    text = name.strip().lower()
+    for prefix in _VENDOR_PREFIXES:
+        text = text.removeprefix(prefix)
+    words = text.replace("-", " ").replace("_", " ").split()
+    return " ".join(w for w in words if not _MEMORY_SIZE.match(w))
 
 
 @dataclass(frozen=True)
@@ -74,12 +109,13 @@ def build_flop_shape(model: torch.nn.Module, checkpointing: bool) -> FlopShape:
 
 
 def lookup_peak_tflops(device_name: str, dtype: str, override: float | None) -> float | None:
-    """Peak TFLOP/s for MFU: --peak_tflops, else the table for 16-bit training on a known GPU."""
+    """Peak TFLOP/s for MFU: --peak_tflops, else the table for 16-bit training on a known GPU
+    (None for any other name or precision: better no MFU than one against the wrong peak)."""
     if override is not None:
         return override
     if dtype not in ("bf16", "fp16"):
         return None
-    return next((peak for name, peak in PEAK_TFLOPS.items() if name in device_name), None)
+    return PEAK_TFLOPS.get(normalize_device_name(device_name))  # unknown: no MFU shown
 
 
 class ThroughputMeter:
