@@ -316,7 +316,9 @@ def main() -> None:
                 train_slice(
                     run, (r + 1) * run.steps // args.rounds - run.done, args, dist, eval_small
                 )
-        eval_loader = build_eval_loader(eval_, BatchConfig(loss_on="all"), micro_batch=args.batch, **geometry)
+        eval_loader = build_eval_loader(
+            eval_, BatchConfig(loss_on="all"), micro_batch=args.batch, **geometry
+        )
         reference = choose_loss_path(
             runs[0].engine.module, "off", zero_stage=0, device_type=dist.device.type,
             fp32=False, compiled=False,
