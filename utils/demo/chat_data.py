@@ -41,15 +41,16 @@ DEMO_CONVERSATIONS: list[tuple[list[dict[str, str]], str]] = [
         ],
         "cold",
     ),
+    # A system turn and an earlier exchange. Not two earlier exchanges: after those the
+    # 1M-parameter demo model starts copying the context (measured: 3 of 8 questions right).
     (
         [
-            {"role": "user", "content": "What color is the sky?"},
-            {"role": "assistant", "content": "The sky is blue."},
-            {"role": "user", "content": "Which city is the capital of Japan?"},
-            {"role": "assistant", "content": "The capital of Japan is Tokyo."},
-            {"role": "user", "content": "Count from one to five."},
+            {"role": "system", "content": SYSTEM_PROMPTS[1]},
+            {"role": "user", "content": "What is 2 plus 2?"},
+            {"role": "assistant", "content": "2 plus 2 is 4."},
+            {"role": "user", "content": "What sound does a dog make?"},
         ],
-        "two, three, four, five.",
+        "woof",
     ),
 ]
 
