@@ -43,8 +43,10 @@ from utils.engine.precision import TORCH_DTYPES
 from utils.engine.preemption import PREEMPTED_EXIT
 from utils.engine.run_settings import run_settings
 from utils.errors import UserError
+from utils.model.attention import uses_flat_packs
 from utils.model.load import build_model, count_parameters, load_tokenizer
 from utils.model.lora import apply_lora
+from utils.model.loss import LossPath, choose_loss_path
 from utils.model.publish import recover_interrupted_save
 from utils.model.save import check_disk_space, save_hf_model
 from utils.model.serving import carry_chat_template
@@ -72,20 +74,21 @@ def main(argv: list[str] | None = None) -> int:
         train_loader, eval_loader = build_loaders(cfg, data, tokenizer, dist, setup)
         plan = build_step_plan(cfg, train_loader)
         if cfg.train.dry_run:
-            return dry_run(cfg, tokenizer, data, setup, plan)
+            return dry_run(cfg, tokenizer, data, setup, plan, dist)
         prepare_output_dir(cfg.train.output_dir, dist)
         # Before the model loads: a checkpoint this run cannot continue is refused cheaply.
         checkpointer = build_checkpointer(
             cfg.checkpoint, cfg.train.output_dir, recorded_settings(cfg, data, dist), dist
         )
-        model = apply_lora(build_model(cfg.model, tokenizer, setup.config), cfg.lora)
+        model = build_model(cfg.model, tokenizer, setup.config, attention=setup.attention)
+        model = apply_lora(model, cfg.lora)
         check_disk_space(model, cfg.train.output_dir, "Nothing has been trained yet.")
-        print_run_summary(cfg, data, count_parameters(model), setup, plan)
+        loss = choose_loss(cfg, model, setup, dist)
+        print_run_summary(cfg, data, count_parameters(model), setup, plan, loss)
         engine = build_engine(cfg, model, checkpointer.engine_setup(model, setup), plan)
         checkpointer.resume(engine)
-        train(
-            build_loop(cfg, engine, train_loader, eval_loader, dist, plan, checkpointer), cfg.train
-        )
+        loop = build_loop(cfg, engine, train_loader, eval_loader, dist, plan, checkpointer, loss)
+        train(loop, cfg.train)
         if checkpointer.preempted:
             return PREEMPTED_EXIT
         save_model(cfg, engine, tokenizer, template, eval_loader, dist, checkpointer)
@@ -106,6 +109,8 @@ def build_loaders(cfg: Config, data: SFTData, tokenizer, dist: DistInfo, setup: 
         max_seq_len=cfg.data.max_seq_len,
         seed=cfg.data.seed,
         mask_dtype=TORCH_DTYPES[setup.dtype],
+        flat_packs=uses_flat_packs(cfg.batch.packing, setup.attention),
+        on_gpu=dist.device.type == "cuda",
         **geometry,
     )
     eval_loader = build_eval_loader(
@@ -130,6 +135,18 @@ def build_step_plan(cfg: Config, train_loader) -> StepPlan:
     return plan
 
 
+def choose_loss(cfg: Config, model, setup: EngineSetup, dist: DistInfo) -> LossPath:
+    """Chunked or plain loss, once for the whole run (the summary says which and why)."""
+    return choose_loss_path(
+        model,
+        cfg.model.chunked_loss,
+        zero_stage=setup.zero_stage,
+        device_type=dist.device.type,
+        fp32=cfg.model.compute_fp32_loss,
+        compiled=cfg.model.compile,
+    )
+
+
 def recorded_settings(cfg: Config, data: SFTData, dist: DistInfo) -> dict:
     """What decides this run's data, order and schedule (checkpoints record it)."""
     return run_settings(
@@ -146,11 +163,20 @@ def build_engine(cfg: Config, model, setup: EngineSetup, plan: StepPlan):
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=setup.config
     )
+    if cfg.model.compile:  # torch.compile, through DeepSpeed so its hooks stay in place
+        engine.compile()
     return engine
 
 
 def build_loop(
-    cfg: Config, engine, train_loader, eval_loader, dist: DistInfo, plan: StepPlan, checkpointer
+    cfg: Config,
+    engine,
+    train_loader,
+    eval_loader,
+    dist: DistInfo,
+    plan: StepPlan,
+    checkpointer,
+    loss: LossPath,
 ) -> TrainLoop:
     """The engine, its data, and the monitor, meter and checkpointer that watch the loop."""
     return TrainLoop(
@@ -164,7 +190,7 @@ def build_loop(
         ),
         meter=build_meter(engine, cfg.model.gradient_checkpointing, cfg.observe.peak_tflops, dist),
         checkpointer=checkpointer,
-        fp32_loss=cfg.model.compute_fp32_loss,
+        loss=loss,
     )
 
 
@@ -199,11 +225,15 @@ def save_model(
     verify_saved_model(engine, output_dir, eval_loader, dist, cfg.model.trust_remote_code)
 
 
-def dry_run(cfg: Config, tokenizer, data: SFTData, setup: EngineSetup, plan: StepPlan) -> int:
+def dry_run(
+    cfg: Config, tokenizer, data: SFTData, setup: EngineSetup, plan: StepPlan, dist: DistInfo
+) -> int:
     """Print what a run would do as one JSON line (the last line of stdout); train nothing."""
-    model = apply_lora(build_model(cfg.model, tokenizer, setup.config, on_meta=True), cfg.lora)
+    model = build_model(cfg.model, tokenizer, setup.config, on_meta=True, attention=setup.attention)
+    model = apply_lora(model, cfg.lora)
     total, trainable = count_parameters(model)
-    print_run_summary(cfg, data, (total, trainable), setup, plan)
+    loss = choose_loss(cfg, model, setup, dist)
+    print_run_summary(cfg, data, (total, trainable), setup, plan, loss)
     summary = {
         "train_rows": len(data.train),
         "eval_rows": len(data.eval),
@@ -224,6 +254,8 @@ def dry_run(cfg: Config, tokenizer, data: SFTData, setup: EngineSetup, plan: Ste
         ],
         "parameters": total,
         "trainable_parameters": trainable,
+        "loss": "chunked" if loss.chunked else "plain",
+        "attention": model.config._attn_implementation,
         "deepspeed_config": setup.config,
     }
     print_rank_0(json.dumps(summary))

@@ -7,12 +7,15 @@ from a fixed log-normal fit of them), `--steps` optimizer steps each of:
   pad      every row padded to 512 (DeepSpeed-Chat)
   default  length-grouped batches padded to their longest row
   packing  several rows per 512-token row, 4D block-diagonal mask (sdpa)
-  varlen   packing without padding or mask (FlashAttention-2's variable-length path)
-  chunked  default batches with the chunked loss (utils/chunked_loss.py) instead of full logits
+  varlen   packing without padding or mask: a micro-batch's packs in one row, per-example
+           boundaries to FlashAttention-2's variable-length path (--attn_implementation
+           flash_attention_2; run where flash-attn is installed on a CUDA GPU, else skipped)
+  chunked  default batches with the chunked loss (utils/model/chunked_loss.py, the tool's
+           default) instead of full logits; the other runs use the plain loss
 
 Each run is a bare DeepSpeed loop (initialize, forward, backward, step) over this
-repository's loaders, collators and losses, so the figures show what the batching and the
-loss cost, not the training loop's bookkeeping. `--tiny` runs a tiny model for a few steps on
+repository's loaders, collators and losses (utils/model/loss.py), so the figures show what
+the batching and the loss cost, not the training loop's bookkeeping. `--tiny` runs a tiny model for a few steps on
 the CPU (fp32, ZeRO-2, seq 128): CI keeps this script working without a GPU.
 
     bash bench/gpu_check.sh            # on a CUDA machine
@@ -39,12 +42,12 @@ import torch
 from datasets import Dataset
 from transformers import OPTConfig, OPTForCausalLM
 
-from utils.data.collate import MODEL_INPUTS
 from utils.data.config import BatchConfig
 from utils.data.loaders import build_train_loader
 from utils.distributed import init_distributed
-from utils.model.chunked_loss import default_chunk_tokens, forward_chunked_nll, loss_kernel
-from utils.model.loss import model_nll as forward_nll
+from utils.engine.precision import TORCH_DTYPES
+from utils.model.attention import FLASH_ATTENTION, flash_attn_installed
+from utils.model.loss import choose_loss_path, count_trained, prepare_batch, summed_nll
 from utils.observe.throughput import build_flop_shape, lookup_peak_tflops
 
 PAD = 1
@@ -112,15 +115,14 @@ def build_dataset(lengths: list[int], vocab: int, seed: int) -> Dataset:
 def run_one(name: str, args, dataset, device: torch.device, dtype: str) -> dict | None:
     """`args.steps` timed optimizer steps (after one warm-up step) of one batching mode."""
     config = model_config(args.tiny)
-    if name == "varlen":
-        # TODO(issue 14 item 4): once the loaders can pack without a mask (position ids
-        # restarting per example, --attn_implementation flash_attention_2), run that here
-        # when importlib.util.find_spec("flash_attn") finds FlashAttention on a CUDA device.
-        return None
+    on_cuda = device.type == "cuda"
+    if name == "varlen" and not (on_cuda and dtype != "fp32" and flash_attn_installed()):
+        return None  # FlashAttention-2 runs on CUDA GPUs in 16 bits only
     torch.manual_seed(args.seed)
     with device:
         model = OPTForCausalLM(config)
-    on_cuda = device.type == "cuda"
+    if name == "varlen":
+        model.set_attn_implementation(FLASH_ATTENTION)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=on_cuda)
     ds_config = {
         "train_micro_batch_size_per_gpu": 8,
@@ -135,20 +137,17 @@ def run_one(name: str, args, dataset, device: torch.device, dtype: str) -> dict 
     batch_cfg = {
         "pad": BatchConfig(pad_to_max_len=True, loss_on="all"),
         "packing": BatchConfig(packing=True, loss_on="all"),
+        "varlen": BatchConfig(packing=True, loss_on="all"),
     }.get(name, BatchConfig(loss_on="all"))
     loader = build_train_loader(
-        dataset,
-        batch_cfg,
-        micro_batch=8,
-        max_seq_len=args.max_seq_len,
-        pad_token_id=PAD,
-        seed=args.seed,
-        rank=0,
-        world_size=1,
-        mask_dtype=torch.bfloat16 if dtype == "bf16" else torch.float32,
-    )
-    chunk = default_chunk_tokens(config.vocab_size)
-    kernel = loss_kernel(device.type)
+        dataset, batch_cfg, micro_batch=8, max_seq_len=args.max_seq_len, pad_token_id=PAD,
+        seed=args.seed, rank=0, world_size=1, mask_dtype=TORCH_DTYPES[dtype],
+        flat_packs=name == "varlen", on_gpu=on_cuda,
+    )  # fmt: skip
+    loss = choose_loss_path(
+        model, "on" if name == "chunked" else "off", zero_stage=2,
+        device_type=device.type, fp32=True, compiled=False,
+    )  # fmt: skip
     real = sum_sq = 0
     losses = []
     for step, batch in enumerate(islice(_forever(loader), args.steps + 1)):
@@ -157,14 +156,8 @@ def run_one(name: str, args, dataset, device: torch.device, dtype: str) -> dict 
             started = time.perf_counter()
             if on_cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        if name == "chunked":
-            inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-            nll, count = forward_chunked_nll(
-                engine, inputs, batch["labels"], chunk, "fused", kernel
-            )
-        else:
-            nll, count = forward_nll(engine, batch, True)
+        count = count_trained(batch["labels"])
+        nll = summed_nll(engine, prepare_batch(batch, loss, device), loss)
         engine.backward(nll / max(count, 1))
         engine.step()
         if step >= 1:
@@ -222,7 +215,7 @@ def main() -> None:
         results[run] = run_one(run, args, dataset, device, dtype)
         r = results[run]
         if r is None:
-            print(f"{run:8s} skipped (no mask-free packing path here yet)", flush=True)
+            print(f"{run:8s} skipped (needs flash-attn on a CUDA GPU, 16-bit)", flush=True)
             continue
         mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
         peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f} MiB"

@@ -1,5 +1,5 @@
 """Peak memory and step time: full fine-tune vs LoRA vs LoRA + gradient checkpointing;
-with --chunked_loss, the plain loss vs the chunked loss (utils/chunked_loss.py).
+with --chunked_loss, the plain loss vs the chunked loss (utils/model/chunked_loss.py).
 
 Same OPT-shaped model (random weights, the real OPT vocabulary size), same batch,
 same AdamW steps. Each variant runs in its own subprocess so its peak is its own.
@@ -14,10 +14,12 @@ Last line: `lora/full=<ratio> lora_gc/full=<ratio>` (peak memory).
 
     python bench/memory.py --chunked_loss [--hidden_size 256 --num_layers 2]
 
-trains the full model with the plain loss (fp32 logits, as utils/train.py's token_nll) and
+trains the full model with the plain loss (fp32 logits, utils/model/loss.py's plain_nll) and
 with the chunked loss in both modes, at vocabularies of 50,272 (OPT) and 128,256 (Llama-3),
-micro-batch 8 x 512 tokens. Last line: `<vocab>: fused/plain peak=<r> speed=<r> ...`, speed
-being plain step time / chunked step time (above 1: the chunked loss is faster).
+micro-batch 8 x 512 tokens. Last line: `<vocab>: fused/plain peak=<r> speed=<r> cpu_speed=<r>
+...`, speed being plain step time / chunked step time (above 1: the chunked loss is faster)
+in wall-clock seconds, cpu_speed the same in the process's CPU seconds (steadier on a
+machine shared with other jobs).
 """
 
 from __future__ import annotations
@@ -123,9 +125,9 @@ def run_variant(args: argparse.Namespace) -> dict:
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    times = []
+    times, cpu_times = [], []  # CPU time (user + system, all threads): steadier under load
     for step in range(args.steps + 1):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = training_loss(model, ids, args.loss)
         loss.backward()
         optimizer.step()
@@ -134,6 +136,7 @@ def run_variant(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         if step:  # step 0 warms up allocators and lazily created optimizer state
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     if args.device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated()
     else:
@@ -142,6 +145,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         "variant": args.variant,
         "peak_bytes": peak,
         "step_s": statistics.median(times),
+        "step_cpu_s": statistics.median(cpu_times),
         "trainable_params": sum(p.numel() for p in trainable),
         "loss": loss.item(),
     }
@@ -180,7 +184,8 @@ def compare_losses(args: argparse.Namespace) -> None:
     what = "GPU max allocated" if args.device.startswith("cuda") else "CPU RSS growth"
     print(f"model: OPT-shaped hidden {args.hidden_size}, {args.num_layers} layers; batch 8 x 512 "
           f"tokens; full fine-tune, AdamW; device {args.device}")  # fmt: skip
-    print(f"{'vocab':>8} {'loss':<10}{'peak (' + what + ')':>30}{'step s':>9}{'loss':>9}")
+    print(f"{'vocab':>8} {'loss':<10}{'peak (' + what + ')':>30}{'step s':>9}{'CPU s':>9}"
+          f"{'loss':>9}")  # fmt: skip
     summary = []
     for vocab in (OPT_VOCAB, LLAMA3_VOCAB):
         results = {}
@@ -188,13 +193,14 @@ def compare_losses(args: argparse.Namespace) -> None:
             argv = ["--variant", "full", *shape, *forwarded, "--vocab", str(vocab), "--loss", loss]
             r = results[loss] = run_in_subprocess(argv)
             print(f"{vocab:>8} {loss:<10}{r['peak_bytes'] / 2**20:>27.1f}MiB{r['step_s']:>9.3f}"
-                  f"{r['loss']:>9.4f}")  # fmt: skip
+                  f"{r['step_cpu_s']:>9.3f}{r['loss']:>9.4f}")  # fmt: skip
         plain = results["plain"]
         summary.append(
             f"{vocab}: "
             + " ".join(
                 f"{m}/plain peak={results[m]['peak_bytes'] / plain['peak_bytes']:.2f} "
-                f"speed={plain['step_s'] / results[m]['step_s']:.2f}"
+                f"speed={plain['step_s'] / results[m]['step_s']:.2f} "
+                f"cpu_speed={plain['step_cpu_s'] / results[m]['step_cpu_s']:.2f}"
                 for m in ("fused", "recompute")
             )
         )

@@ -3,10 +3,13 @@
 
 One process, one tiny-but-not-trivial OPT (same seed for every variant), real HH-RLHF
 dialogues tokenised by the real OPT tokenizer through this repository's data layer. A, B
-and C run the training loop itself (utils/train.py's `train`, with its meter, monitor,
-token-weighted loss and checkpoint hooks); R is `deepspeed.initialize` + forward (the
-model's own loss) + backward + step and nothing else, so A/R is what the loop costs at
-equal work. Training time excludes the evaluation `train` runs after each slice. The ids are then renumbered by
+and C run the training loop itself (utils/engine/loop.py's `train`, with its meter, monitor,
+token-weighted loss, the loss path main.py picks and checkpoint hooks); R is
+`deepspeed.initialize` + forward (the model's own loss) + backward + step and nothing else,
+so A/R is what the loop costs at equal work. The loop's evaluations are left out (replaced
+by a stub here). Each slice is timed in wall-clock seconds and in the process's CPU seconds
+(user + system, all threads): on a machine shared with other jobs the wall clock stretches
+with their load, CPU time much less so. The ids are then renumbered by
 frequency into a small vocabulary (rare ones share an "unknown" id): the lengths stay
 those of real dialogues, while a 50k-row output layer would make the tiny model's step
 mostly one softmax and hide what padding costs. Timings on a shared CPU are noisy, so
@@ -14,13 +17,17 @@ the variants train in interleaved rounds (each round: a slice of every variant's
 and the ratios are medians over rounds. Every variant trains on the same rows (the same
 real tokens), so their final eval losses should agree within noise. The dtype axis adds
 (B) in bf16 where the CPU has AMX-bf16 (utils/engine/precision.py; `--dtypes fp32,bf16`
-forces it). `--compile` adds A and B with torch.compile'd models (engine.compile()): the
-first step's time (compilation) is reported apart, and the losses must agree.
+forces it), through the DeepSpeed config main.py builds (torch.autocast at ZeRO-0 on a CPU).
+`--compile` adds A and B with torch.compile'd models (engine.compile(), the plain loss, as
+main.py's --compile): the first step's time (compilation) is reported apart, and the losses
+must agree.
 
     python bench/throughput.py --dialogues ../shared/data/hh-rlhf-harmless-base/test.jsonl \
         --tokenizer ../shared/data/opt-tokenizer
 
-The last line is `A/R=<ratio> B/A=<ratio> C/A=<ratio> bf16/fp32=<ratio>`.
+The last line is `A/R=<ratio> B/A=<ratio> C/A=<ratio> bf16/fp32=<ratio>` (wall clock); the
+line before it gives the same ratios in CPU time. `A-plain` (in --variants) is A with
+--chunked_loss off.
 """
 
 from __future__ import annotations
@@ -42,21 +49,25 @@ import deepspeed
 import torch
 from transformers import OPTConfig, OPTForCausalLM
 
+import utils.engine.loop as loop_module
 from bench.data_prep import load_opt_tokenizer, rm_static_rows, write_source
 from utils.data.build import build_sft_data
 from utils.data.config import BatchConfig, DataConfig
 from utils.data.loaders import build_eval_loader, build_train_loader
 from utils.distributed import init_distributed
-from utils.engine.checkpoint import DataPosition
-from utils.engine.checkpoint import start_run as start_checkpointer
+from utils.engine.accumulation import DataPosition, StepPlan
+from utils.engine.checkpoint import build_checkpointer
 from utils.engine.config import CheckpointConfig, EngineConfig, TrainConfig
 from utils.engine.ds_config import build_ds_config
-from utils.engine.loop import evaluate, train
-from utils.engine.precision import cpu_bf16_capability
+from utils.engine.loop import EvalResult, TrainLoop, evaluate, train
+from utils.engine.precision import TORCH_DTYPES, cpu_bf16_capability
+from utils.model.loss import choose_loss_path
+from utils.observe.config import ObserveConfig
 from utils.observe.progress import RunMonitor
 from utils.observe.throughput import ThroughputMeter, build_flop_shape
 
 VARIANTS = {
+    # loss_on "all": DeepSpeed-Chat's loss, as the bare loop (R) computes it.
     "R": (
         "bare DeepSpeed loop, pad to max length",
         BatchConfig(pad_to_max_len=True, loss_on="all"),
@@ -64,6 +75,11 @@ VARIANTS = {
     ),
     "A": (
         "pad to max length (DeepSpeed-Chat)",
+        BatchConfig(pad_to_max_len=True, loss_on="all"),
+        "fp32",
+    ),
+    "A-plain": (
+        "pad to max length, plain loss",
         BatchConfig(pad_to_max_len=True, loss_on="all"),
         "fp32",
     ),
@@ -86,13 +102,16 @@ class Run:
     engine: object
     loader: object
     steps: int
+    loss: object = None  # the loss path main.py would pick (A, B, C)
     checkpointer: object = None
     batches: object = None  # R: the loader's batches, drawn as it trains
     done: int = 0
-    rounds: list[float] = field(default_factory=list)  # real tokens/s per round
+    rounds: list[float] = field(default_factory=list)  # real tokens per wall second, per round
+    cpu_rounds: list[float] = field(default_factory=list)  # real tokens per CPU second
     real: int = 0
     padded: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
     first_step_s: float = 0.0  # the first step alone (compilation, for compiled models)
 
 
@@ -130,21 +149,31 @@ def start_run(name: str, train_rows, args, dist, work: str) -> Run:
     _, batch_cfg, dtype = VARIANTS[name]
     train_cfg = TrainConfig(per_device_train_batch_size=args.batch, learning_rate=args.lr)
     model = build_model(args.vocab, args, PAD)
-    ds_config = build_ds_config(EngineConfig(), train_cfg, 1, dtype)
+    on_cuda = dist.device.type == "cuda"
+    ds_config = build_ds_config(
+        EngineConfig(), train_cfg, ObserveConfig(), 1, dtype, on_cuda=on_cuda
+    )
     optimizer = build_optimizer(model, args)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    if name.endswith("-compile"):
+    compiled = name.endswith("-compile")
+    if compiled:
         engine.compile()
     loader = build_train_loader(
-        train_rows, batch_cfg, args.batch, args.max_seq_len, PAD, args.seed, 0, 1, dtype
-    )
+        train_rows, batch_cfg, micro_batch=args.batch, max_seq_len=args.max_seq_len,
+        pad_token_id=PAD, seed=args.seed, rank=0, world_size=1,
+        mask_dtype=TORCH_DTYPES[dtype], on_gpu=on_cuda,
+    )  # fmt: skip
     run = Run(name, engine, loader, steps=len(loader))
     if name == "R":
         loader.sampler.set_epoch(0)  # the order train() gives A's first epoch
         run.batches = iter(loader)
-    else:
-        folder = os.path.join(work, name)
-        run.checkpointer = start_checkpointer(CheckpointConfig(), folder, model, ds_config, dist)
+        return run
+    setting = "off" if name == "A-plain" else "auto"
+    run.loss = choose_loss_path(
+        model, setting, zero_stage=0, device_type=dist.device.type, fp32=False, compiled=compiled
+    )
+    folder = os.path.join(work, name)
+    run.checkpointer = build_checkpointer(CheckpointConfig(), folder, {}, dist)
     return run
 
 
@@ -160,23 +189,25 @@ def build_optimizer(model, args) -> torch.optim.Optimizer:
 
 
 def train_slice(run: Run, steps: int, args, dist, eval_small) -> None:
-    """`steps` optimizer steps: R's bare loop, or utils/train.py's `train` for the others.
+    """`steps` optimizer steps: R's bare loop, or utils/engine/loop.py's `train` for the others.
 
     A run's very first step is timed apart (compilation, for compiled models) and left out
     of its throughput."""
     step_fn = bare_steps if run.name == "R" else loop_steps
     if run.done == 0:
-        run.first_step_s, _, _ = step_fn(run, 1, args, dist, eval_small)
+        run.first_step_s, _, _, _ = step_fn(run, 1, args, dist, eval_small)
         run.done, steps = 1, steps - 1
-    seconds, real, padded = step_fn(run, steps, args, dist, eval_small)
+    seconds, cpu_seconds, real, padded = step_fn(run, steps, args, dist, eval_small)
     run.done += steps
-    run.real, run.padded, run.seconds = run.real + real, run.padded + padded, run.seconds + seconds
+    run.real, run.padded = run.real + real, run.padded + padded
+    run.seconds, run.cpu_seconds = run.seconds + seconds, run.cpu_seconds + cpu_seconds
     run.rounds.append(real / seconds)
+    run.cpu_rounds.append(real / cpu_seconds)
 
 
-def bare_steps(run: Run, steps: int, *_) -> tuple[float, int, int]:
+def bare_steps(run: Run, steps: int, *_) -> tuple[float, float, int, int]:
     batches = [next(run.batches) for _ in range(steps)]  # collated before the clock starts
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for batch in batches:
         out = run.engine(
             input_ids=batch["input_ids"],
@@ -186,24 +217,36 @@ def bare_steps(run: Run, steps: int, *_) -> tuple[float, int, int]:
         )
         run.engine.backward(out.loss)
         run.engine.step()
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     real = sum(int(b["seq_lens"].sum()) for b in batches)
-    return seconds, real, sum(b["input_ids"].numel() for b in batches)
+    return seconds, cpu_seconds, real, sum(b["input_ids"].numel() for b in batches)
 
 
-def loop_steps(run: Run, steps: int, args, dist, eval_small) -> tuple[float, int, int]:
-    """The loop from where the last slice stopped (as a resume would), timed by its own
-    meter, which leaves out the evaluation `train` runs at its end."""
-    run.checkpointer.start = DataPosition(0, run.done)
+def skip_evaluation(loop, epoch: int, label: str) -> EvalResult:
+    """Stands in for the loop's evaluations, which are not training time."""
+    return EvalResult(loss=0.0, perplexity=1.0, tokens=0)
+
+
+def loop_steps(run: Run, steps: int, args, dist, eval_small) -> tuple[float, float, int, int]:
+    """The loop from where the last slice stopped (as a resume would), timed around `train`
+    with its evaluations stubbed out; tokens counted by its own meter."""
+    # Every micro-batch before the last is full: `done` of them are done * batch rows in.
+    run.checkpointer.start = DataPosition(0, run.done * args.batch, args.batch)
     meter = ThroughputMeter(build_flop_shape(run.engine.module, False), None, dist.device, 1)
     total = run.done + steps
-    monitor = RunMonitor(None, total, start_step=run.done, stream=io.StringIO(), enabled=True)
+    plan = StepPlan(micro_batches_per_epoch=run.steps, accumulation=1, epochs=1, max_steps=total)
+    loop = TrainLoop(
+        engine=run.engine, train_loader=run.loader, eval_loader=eval_small, dist=dist, plan=plan,
+        monitor=RunMonitor(None, total, start_step=run.done, stream=io.StringIO(), enabled=True),
+        meter=meter, checkpointer=run.checkpointer, loss=run.loss,
+    )  # fmt: skip
     train_cfg = TrainConfig(per_device_train_batch_size=args.batch, learning_rate=args.lr)
+    loop_module.evaluate_and_report = skip_evaluation
     with contextlib.redirect_stdout(io.StringIO()):  # the loop's own prints
-        train(run.engine, run.loader, eval_small, train_cfg, dist, total, False, monitor, meter,
-              run.checkpointer)  # fmt: skip
-    counts = meter.total
-    return counts["seconds"], int(counts["real"]), int(counts["padded"])
+        started, cpu_started = time.perf_counter(), time.process_time()
+        train(loop, train_cfg)
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    return seconds, cpu_seconds, int(meter.total["real"]), int(meter.total["padded"])
 
 
 def load_data(args, work: str):
@@ -262,17 +305,25 @@ def main() -> None:
             f"optimizer {args.optimizer}; bf16: {why}"
         )
         # train() evaluates after every slice (not timed): a few rows keep that short.
+        geometry = {"pad_token_id": PAD, "rank": 0, "world_size": 1}
         eval_small = build_eval_loader(
-            eval_.select(range(min(8, len(eval_)))), args.batch, PAD, 0, 1
-        )
+            eval_.select(range(min(8, len(eval_)))), BatchConfig(loss_on="all"), micro_batch=args.batch,
+            **geometry,
+        )  # fmt: skip
         for r in range(args.rounds):
             # Rotate who goes first so a noisy neighbour does not always hit the same variant.
             for run in runs[r % len(runs) :] + runs[: r % len(runs)]:
                 train_slice(
                     run, (r + 1) * run.steps // args.rounds - run.done, args, dist, eval_small
                 )
-        eval_loader = build_eval_loader(eval_, args.batch, PAD, 0, 1)
-        losses = {run.name: evaluate(run.engine, eval_loader, dist, False).loss for run in runs}
+        eval_loader = build_eval_loader(
+            eval_, BatchConfig(loss_on="all"), micro_batch=args.batch, **geometry
+        )
+        reference = choose_loss_path(
+            runs[0].engine.module, "off", zero_stage=0, device_type=dist.device.type,
+            fp32=False, compiled=False,
+        )  # fmt: skip
+        losses = {run.name: evaluate(run.engine, eval_loader, dist, reference).loss for run in runs}
 
     by_name = {run.name: run for run in runs}
     for run in runs:
@@ -280,21 +331,33 @@ def main() -> None:
             f"{run.name:9s} {VARIANTS[run.name][0]:40s} {run.real / run.seconds:8.0f} real "
             f"tokens/s (median round {statistics.median(run.rounds):.0f}), "
             f"{1 - run.real / run.padded:5.1%} padding, {run.steps} steps, first step "
-            f"{run.first_step_s:.2f} s, eval loss {losses[run.name]:.4f}"
+            f"{run.first_step_s:.2f} s, {run.real / run.cpu_seconds:6.0f} real tokens per CPU "
+            f"second, eval loss {losses[run.name]:.4f}"
+            + (f", loss {run.loss.describe().split(':')[0]}" if run.loss else "")
         )
 
-    def ratio(top: str, bottom: str) -> str:
+    def ratio(top: str, bottom: str, cpu: bool = False) -> str:
         if top not in by_name or bottom not in by_name:
             return "n/a"
-        rounds = zip(by_name[top].rounds, by_name[bottom].rounds, strict=True)
-        return f"{statistics.median(t / b for t, b in rounds):.2f}"
+        a, b = by_name[top], by_name[bottom]
+        top_rounds, bottom_rounds = (a.cpu_rounds, b.cpu_rounds) if cpu else (a.rounds, b.rounds)
+        pairs = zip(top_rounds, bottom_rounds, strict=True)
+        return f"{statistics.median(t / b for t, b in pairs):.2f}"
+
+    def ratios(cpu: bool) -> str:
+        return (
+            f"A/R={ratio('A', 'R', cpu)} B/A={ratio('B', 'A', cpu)} C/A={ratio('C', 'A', cpu)} "
+            f"bf16/fp32={ratio('B-bf16', 'B', cpu)}"
+        )
 
     if args.compile:
         print(f"compiled/eager: A={ratio('A-compile', 'A')} B={ratio('B-compile', 'B')}")
-    print(
-        f"A/R={ratio('A', 'R')} B/A={ratio('B', 'A')} C/A={ratio('C', 'A')} "
-        f"bf16/fp32={ratio('B-bf16', 'B')}"
-    )
+    if "A-plain" in by_name:
+        print(
+            f"chunked/plain loss (A): {ratio('A', 'A-plain')} (CPU time {ratio('A', 'A-plain', True)})"
+        )
+    print(f"CPU time: {ratios(cpu=True)} (load average {os.getloadavg()[0]:.1f})")
+    print(ratios(cpu=False))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from tests.token_loss_worker import PAD, build_model, build_rows
 from utils.data.collate import collate
 from utils.distributed import all_reduce_sum, init_distributed
 from utils.model.chunked_loss import forward_chunked_nll
-from utils.model.loss import model_nll as forward_nll
+from utils.model.loss import model_nll as forward_nll  # the plain (reference) loss
 
 CHUNK_TOKENS = 7  # divides none of the token counts: chunks of unequal size
 
@@ -37,7 +37,7 @@ def one_step(zero_stage: int, loss: str, rank: int, world_size: int) -> dict[str
         },
     )
     rows = build_rows()[rank * 4 : rank * 4 + 4] if world_size > 1 else build_rows()[:4]
-    batch = collate(rows, PAD)
+    batch = collate(rows, pad_token_id=PAD, loss_on="all")
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     if loss == "plain":
         nll, count = forward_nll(engine, batch, True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -35,3 +36,19 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     build_opt_model(tiny_tokenizer).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    """A one-rank group for an in-process engine (reused if main() already made one, as
+    tests/test_main.py does); the launcher variables are restored afterwards."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    from utils.distributed import init_distributed
+
+    return init_distributed()

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
 
 from tests.token_loss_worker import build_model
@@ -76,6 +77,40 @@ def test_bf16_loss_is_the_fp32_sum_of_upcast_logits(mode):
         torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=2**-6 * scale)
 
 
+class MatmulDtypes(TorchDispatchMode):
+    """Records the input dtypes of every matrix product run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.dtypes |= {a.dtype for a in args if isinstance(a, torch.Tensor) and a.dim() == 2}
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["recompute", "fused"])
+def test_under_autocast_the_projection_runs_in_bf16_and_fp32_weights_get_their_gradients(mode):
+    """CPU bf16 trains through torch.autocast (fp32 weights): the chunked loss must compute
+    the logits as autocast computes the plain loss's, and hand fp32 gradients back."""
+    head, hidden, labels = head_and_batch(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = loss_and_grads(lambda: token_nll(head(hidden), labels, fp32=True), head, hidden)
+        with MatmulDtypes() as matmuls:  # forward and backward
+            chunked = loss_and_grads(
+                lambda: chunked_nll(hidden, head, labels, 7, mode), head, hidden
+            )
+    assert matmuls.dtypes == {torch.bfloat16}  # every chunk's products, gradients' too
+    fp32 = loss_and_grads(lambda: token_nll(head(hidden), labels, fp32=True), head, hidden)
+    assert not torch.allclose(plain[0], fp32[0], rtol=1e-6, atol=0)  # autocast did round
+    torch.testing.assert_close(chunked[0], plain[0], rtol=1e-6, atol=1e-4)
+    for got, expected in zip(chunked[2], plain[2], strict=True):
+        assert got.dtype == torch.float32
+        scale = expected.abs().max()
+        torch.testing.assert_close(got, expected, rtol=0, atol=2**-6 * scale)
+
+
 def test_fp16_sum_does_not_overflow():
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 50, bias=False).half()
@@ -85,8 +120,10 @@ def test_fp16_sum_does_not_overflow():
     labels = torch.zeros(4, 600, dtype=torch.long)
     plain, _ = token_nll(head(hidden), labels, fp32=False)
     nll, count = chunked_nll(hidden, head, labels, 256)
-    assert not torch.isfinite(plain)  # the fp16 sum overflows past 65,504
-    assert torch.isfinite(nll) and nll > 65504 and count == 4 * 599
+    # Both sums are fp32: an fp16 one would overflow past 65,504.
+    assert nll.dtype == torch.float32 and count == 4 * 599
+    assert torch.isfinite(nll) and nll > 65504
+    torch.testing.assert_close(nll, plain, rtol=1e-3, atol=0)
 
 
 @pytest.mark.parametrize("mode", ["recompute", "fused"])

@@ -70,6 +70,9 @@ OURS = {
     "--gpu_memory_gb",
     "--num_gpus_per_node",
     "--num_nodes",
+    "--chunked_loss",
+    "--attn_implementation",
+    "--compile",
     "--dist_timeout_minutes",
 }
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -19,22 +18,6 @@ from utils.model.lora import is_lora_parameter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIST_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
-
-
-@pytest.fixture
-def one_rank_group(monkeypatch):
-    """A one-rank group for an in-process engine (reused if main() already made one, as
-    tests/test_main.py does); the launcher variables are restored afterwards."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
-    from utils.distributed import init_distributed
-
-    return init_distributed()
 
 
 def _launch_env() -> dict[str, str]:
@@ -73,7 +56,7 @@ def test_only_lora_with_checkpointing_trains_adapters_and_keeps_base_bit_identic
                       "--only_optimize_lora", "--gradient_checkpointing", "--lora_learning_rate",
                       "2e-2", "--per_device_train_batch_size", "4", "--max_steps", "6",
                       "--lr_scheduler_type", "constant"])  # fmt: skip
-    config = build_ds_config(cfg.engine, cfg.train, cfg.observe, 1, "fp32")
+    config = build_ds_config(cfg.engine, cfg.train, cfg.observe, 1, "fp32", on_cuda=False)
     setup = EngineSetup(config=config, world_size=1, dtype_reason="--dtype fp32")
     model = apply_lora(build_model(cfg.model, tiny_tokenizer, setup.config), cfg.lora)
     base_before = {

@@ -14,13 +14,15 @@ from tests.token_loss_worker import PAD, build_model, build_rows
 from utils.data.collate import collate
 from utils.engine.accumulation import StepPlan, accumulation_windows
 from utils.model.loss import token_nll
+from utils.observe.progress import load_metrics
 
 CPU = torch.device("cpu")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def sgd_step(batches: list[list[dict]], token_weighted: bool) -> dict[str, torch.Tensor]:
-    """Weights after one SGD step (lr 1) on the mean loss, computed without DeepSpeed."""
+    """Weights after one SGD step (lr 1) on the mean loss, computed without DeepSpeed and
+    with the plain loss (full logits); "loss" holds that loss before the step."""
     model = build_model()
     losses = []
     for rows in batches:
@@ -35,7 +37,7 @@ def sgd_step(batches: list[list[dict]], token_weighted: bool) -> dict[str, torch
     with torch.no_grad():
         for p in model.parameters():
             p -= p.grad
-    return {k: v.clone() for k, v in model.state_dict().items()}
+    return {**{k: v.clone() for k, v in model.state_dict().items()}, "loss": loss.detach()}
 
 
 def run_worker(tmp_path, ranks: int, zero_stage: int, micro: int, accumulation: int) -> dict:
@@ -51,7 +53,8 @@ def run_worker(tmp_path, ranks: int, zero_stage: int, micro: int, accumulation: 
 
 def assert_same_weights(got: dict, expected: dict) -> None:
     for name, value in expected.items():
-        assert torch.allclose(got[name], value, atol=1e-5), name
+        if name != "loss":
+            assert torch.allclose(got[name], value, atol=1e-5), name
 
 
 @pytest.mark.slow
@@ -65,7 +68,10 @@ def test_step_over_micro_batches_and_ranks_equals_one_big_batch(tmp_path, ranks,
     # The check can fail: with unequal micro-batches, a mean of means is another update.
     halves = sgd_step([rows[:4], rows[4:]], token_weighted=False)
     assert not torch.allclose(halves["lm_head.weight"], expected["lm_head.weight"], atol=1e-4)
+    # The loop trains with the chunked loss: same update, and it logs the plain loss's value.
     assert_same_weights(run_worker(tmp_path, ranks, zero_stage, micro, 2), expected)
+    (logged,) = [r for r in load_metrics(str(tmp_path / "metrics.jsonl")) if r["type"] == "train"]
+    assert logged["loss"] == pytest.approx(float(expected["loss"]), rel=1e-6)
 
 
 def test_an_epochs_last_short_window_is_still_an_optimizer_step():

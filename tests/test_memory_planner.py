@@ -125,11 +125,13 @@ def test_lower_stages_partition_less():
 def test_activations_follow_batch_checkpointing_and_lora():
     shape = measure_shape(OPT_7B, LoraConfig(lora_dim=16))
     no_lora, lora = LoraConfig(), LoraConfig(lora_dim=16)
-    full = estimate_activations(shape, 4, 512, False, no_lora, "bf16")
-    assert estimate_activations(shape, 8, 512, False, no_lora, "bf16") == 2 * full
-    checkpointed = estimate_activations(shape, 4, 512, True, no_lora, "bf16")
+    full = estimate_activations(shape, 4, 512, False, no_lora, "bf16", loss_mode="plain")
+    assert (
+        estimate_activations(shape, 8, 512, False, no_lora, "bf16", loss_mode="plain") == 2 * full
+    )
+    checkpointed = estimate_activations(shape, 4, 512, True, no_lora, "bf16", loss_mode="plain")
     assert checkpointed < full / 5
-    assert estimate_activations(shape, 4, 512, False, lora, "bf16") > full
+    assert estimate_activations(shape, 4, 512, False, lora, "bf16", loss_mode="plain") > full
     # OPT shapes: 34*s*b*h per layer (Korthikanti et al.) plus 10 bytes per logit.
     assert full == 32 * 34 * 4 * 512 * 4096 + 4 * 512 * 50272 * 10
 

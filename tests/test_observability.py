@@ -19,6 +19,7 @@ from utils.cli.summary import build_summary, data_warnings
 from utils.data.common import SFTData, SourceStats
 from utils.engine.accumulation import StepPlan
 from utils.engine.ds_config import EngineSetup
+from utils.model.loss import PLAIN_FP32
 from utils.observe.progress import RunMonitor, load_metrics, open_metrics
 
 
@@ -142,7 +143,7 @@ def test_summary_block_has_the_numbers_a_user_checks(tiny_model_dir):
     }
     setup = EngineSetup(config=ds_config, world_size=2, dtype_reason="--dtype bf16")
     plan = StepPlan(micro_batches_per_epoch=1, accumulation=2, epochs=3)
-    text = build_summary(cfg, sft_data(), (2_000_000, 500_000), setup, plan)
+    text = build_summary(cfg, sft_data(), (2_000_000, 500_000), setup, plan, PLAIN_FP32)
     assert "2.00M total, 500.00K trainable (25.0%)" in text
     assert "Dahoas/rm-static" in text and "7 training tokens" in text
     assert "1 sequences per device x 2 ranks x 2 accumulation = 4 per optimizer step" in text

@@ -25,7 +25,7 @@ from utils.engine.accumulation import StepPlan
 from utils.engine.checkpoint import Checkpointer
 from utils.engine.ds_config import EngineSetup
 from utils.errors import UserError
-from utils.model.loss import token_nll
+from utils.model.loss import PLAIN_FP32, token_nll
 
 
 def write_rows(path, train: int, evaluation: int = 4):
@@ -185,7 +185,7 @@ def test_summary_reports_what_training_uses(tiny_model_dir):
     }
     setup = EngineSetup(config=config, world_size=1, dtype_reason="--dtype fp32")
     plan = StepPlan(micro_batches_per_epoch=1, accumulation=1, epochs=1)
-    text = build_summary(cfg, data, (10, 10), setup, plan)
+    text = build_summary(cfg, data, (10, 10), setup, plan, PLAIN_FP32)
     assert "loss on 38% of them (responses only)" in text  # 3 of 8 tokens
 
 

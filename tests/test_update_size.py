@@ -87,14 +87,17 @@ def weights(engine, zero_stage: int) -> dict[str, torch.Tensor]:
         return {n: p.detach().double().clone() for n, p in engine.module.named_parameters()}
 
 
-def step_twice(dtype: str, zero_stage: int) -> list[float]:
-    """Two engine steps; each one's weight change along its expected update (1 = exact)."""
+def step_twice(dtype: str, zero_stage: int, on_cuda: bool) -> list[float]:
+    """Two engine steps; each one's weight change along its expected update (1 = exact).
+
+    `on_cuda` as validation passes it: bf16 at ZeRO-0 on a CPU runs through torch.autocast."""
     config = build_ds_config(
         EngineConfig(zero_stage=zero_stage),
         TrainConfig(per_device_train_batch_size=len(ROWS), gradient_accumulation_steps=1),
         ObserveConfig(),
         world_size=1,
         dtype=dtype,
+        on_cuda=on_cuda,
     )
     config["zero_allow_untested_optimizer"] = True  # plain SGD: the update is the gradient
     model = build_model()
@@ -140,6 +143,6 @@ def test_every_accepted_precision_and_stage_moves_the_weights_by_the_gradient(
         # CPU Adam on DeepSpeed 0.17.6-0.18.5), which these steps would show to be wrong.
         assert "Use --zero_stage 1" in problems[0]
         return
-    first, second = step_twice(dtype, zero_stage)
+    first, second = step_twice(dtype, zero_stage, on_cuda)
     assert first == pytest.approx(1.0, abs=TOLERANCE[dtype])
     assert second == pytest.approx(1.0, abs=TOLERANCE[dtype])  # no gradient left over

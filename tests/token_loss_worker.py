@@ -2,6 +2,8 @@
 
 Run by tests/test_loss.py with `torch.distributed.run` (one or two CPU ranks):
     python tests/token_loss_worker.py OUT MODE ZERO_STAGE MICRO_BATCH ACCUMULATION
+The loop uses the loss main.py would choose (the chunked loss, for this OPT) and logs the
+step to metrics.jsonl beside OUT.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from utils.engine.checkpoint import build_checkpointer
 from utils.engine.config import CheckpointConfig, TrainConfig
 from utils.engine.ds_config import EngineSetup
 from utils.engine.loop import TrainLoop, train
+from utils.model.loss import choose_loss_path
 from utils.observe.config import ObserveConfig
 from utils.observe.progress import build_monitor
 from utils.observe.throughput import build_meter
@@ -94,11 +97,14 @@ def main(out: str, mode: str, zero_stage: int, micro: int, accumulation: int) ->
         ),
         dist=dist,
         plan=plan,
-        monitor=build_monitor(None, ObserveConfig(), plan.total_steps, 0),
+        monitor=build_monitor(os.path.dirname(out), ObserveConfig(), plan.total_steps, 0),
         meter=build_meter(engine, False, None, dist),
         checkpointer=checkpointer,
-        fp32_loss=True,
+        loss=choose_loss_path(
+            model, "auto", zero_stage=zero_stage, device_type="cpu", fp32=True, compiled=False
+        ),
     )
+    assert loop.loss.chunked, loop.loss
     train(loop, TrainConfig(gradient_accumulation_steps=accumulation, loss_averaging=mode))
     if dist.rank == 0:
         save_file({k: v.clone() for k, v in engine.module.state_dict().items()}, out)

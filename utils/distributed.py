@@ -211,9 +211,10 @@ def _duration(limit: timedelta) -> str:
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum a few host numbers across ranks (float64 so token counts stay exact)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return [float(v) for v in values]  # one rank: no device round trip
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(tensor)
+    torch.distributed.all_reduce(tensor)
     return tensor.tolist()
 
 

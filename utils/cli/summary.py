@@ -17,26 +17,37 @@ from utils.data.config import DSCHAT
 from utils.data.split import parse_data_split
 from utils.distributed import print_rank_0, warn_rank_0
 from utils.engine.accumulation import StepPlan
-from utils.engine.ds_config import EngineSetup
+from utils.engine.ds_config import CPU_BF16_AUTOCAST, EngineSetup
+from utils.model.loss import LossPath
 
 RULE = "=" * 72
 
 
 def print_run_summary(
-    cfg: Config, data: SFTData, params: tuple[int, int], setup: EngineSetup, plan: StepPlan
+    cfg: Config,
+    data: SFTData,
+    params: tuple[int, int],
+    setup: EngineSetup,
+    plan: StepPlan,
+    loss: LossPath,
 ) -> None:
     """Print the summary block and the data warnings (rank 0 only)."""
-    print_rank_0(build_summary(cfg, data, params, setup, plan))
+    print_rank_0(build_summary(cfg, data, params, setup, plan, loss))
     for warning in data_warnings(cfg, data):
         warn_rank_0(warning)
 
 
 def build_summary(
-    cfg: Config, data: SFTData, params: tuple[int, int], setup: EngineSetup, plan: StepPlan
+    cfg: Config,
+    data: SFTData,
+    params: tuple[int, int],
+    setup: EngineSetup,
+    plan: StepPlan,
+    loss: LossPath,
 ) -> str:
     """The block's text. Every figure comes from what the run uses: the merged DeepSpeed
-    config (`setup`), the loader's step plan (packs, not rows, under --packing) and the
-    labels' rule (--loss_on)."""
+    config (`setup`), the loader's step plan (packs, not rows, under --packing), the
+    labels' rule (--loss_on) and the loss path chosen for the model."""
     t, ds_config = cfg.train, setup.config
     total, trainable = params
     lora = f", LoRA rank {cfg.lora.lora_dim} on '{cfg.lora.lora_module_name}'"
@@ -76,6 +87,9 @@ def build_summary(
         f"{_count(t.num_train_epochs, 'epoch')} = "
         f"{_count(plan.uncapped_steps, 'optimizer step')}{capped}",
         f"deepspeed    {_ds_essentials(setup, cfg)}",
+        f"loss         {loss.describe()}",
+        f"attention    {setup.attention or 'default'} ({setup.attention_reason or 'transformers'})"
+        f"{'; torch.compile on' if cfg.model.compile else ''}",
         f"output       {os.path.abspath(t.output_dir) if t.output_dir else '(none: dry run)'}",
         RULE,
     ]
@@ -171,8 +185,11 @@ def _ds_essentials(setup: EngineSetup, cfg: Config) -> str:
     offload = [
         k.removeprefix("offload_") for k in ("offload_optimizer", "offload_param") if k in zero
     ]
+    precision = f"{setup.dtype} ({setup.dtype_reason})"
+    if setup.autocast:
+        precision = f"{setup.dtype} ({setup.dtype_reason}; {CPU_BF16_AUTOCAST})"
     return (
-        f"ZeRO stage {setup.zero_stage}, {setup.dtype} ({setup.dtype_reason}), "
+        f"ZeRO stage {setup.zero_stage}, {precision}, "
         f"offload {'+'.join(offload) if offload else 'off'}, "
         f"gradient clipping {ds.get('gradient_clipping', 'off')}, "
         f"gradient checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}"

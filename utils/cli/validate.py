@@ -12,7 +12,7 @@ import os
 import tempfile
 import types
 import typing
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import torch
 
@@ -26,6 +26,13 @@ from utils.engine.ds_config import EngineSetup, build_ds_config, setup_problems
 from utils.engine.precision import NATIVE_BF16_CAPABILITY, detect_dtype
 from utils.engine.precision_rules import precision_problems
 from utils.errors import ConfigError, UserError, format_problems
+from utils.model.attention import (
+    attention_dtype_problems,
+    flash_attention_problems,
+    flash_attn_installed,
+    resolve_attention,
+)
+from utils.model.chunked_loss import chunked_loss_config_problem
 from utils.model.config import ModelConfig
 from utils.model.folder_checks import tokenizer_problems, weight_problems
 from utils.model.load import load_model_config, max_positions
@@ -48,18 +55,43 @@ def validate(cfg: Config) -> EngineSetup:
         dtype, reason = detect_dtype(cfg.engine.dtype)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         try:
-            config = build_ds_config(cfg.engine, cfg.train, cfg.observe, world_size, dtype)
+            config = build_ds_config(
+                cfg.engine, cfg.train, cfg.observe, world_size, dtype, on_cuda=on_cuda
+            )
             setup = EngineSetup(config=config, world_size=world_size, dtype_reason=reason)
             problems += setup_problems(setup, cfg.train, cfg.engine.deepspeed_config, on_cuda)
             if not problems:  # on the merged config: a --deepspeed_config's stage counts
                 problems += precision_problems(
                     setup.dtype, setup.zero_stage, on_cuda, bf16, setup.offload, cfg.engine.dtype
                 )
+            setup, more = _resolve_attention(cfg, setup, on_cuda)
+            problems += more
         except UserError as err:
             problems.append(str(err))
     if problems:
         raise ConfigError(format_problems(problems))
     return setup
+
+
+def _resolve_attention(
+    cfg: Config, setup: EngineSetup, on_cuda: bool
+) -> tuple[EngineSetup, list[str]]:
+    """The setup with the attention implementation the run will use (it depends on the
+    precision the merged config trains in), and why that one cannot run, if so."""
+    model_type = load_model_config(cfg.model).model_type
+    flash = flash_attn_installed()
+    attention, why = resolve_attention(
+        cfg.model.attn_implementation,
+        model_type=model_type,
+        packing=cfg.batch.packing,
+        on_cuda=on_cuda,
+        dtype=setup.dtype,
+        flash_installed=flash,
+    )
+    problems = attention_dtype_problems(attention, setup.dtype)
+    if cfg.batch.packing:
+        problems += packing_problems(model_type, attention)
+    return replace(setup, attention=attention, attention_reason=why), problems
 
 
 def flag_problems(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]:
@@ -92,6 +124,9 @@ def flag_problems(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]
     problems += _planner_problems(cfg.planner)
     problems += check_data_config(cfg.data)
     problems += _dtype_problems(e.dtype, on_cuda, bf16_supported)
+    problems += flash_attention_problems(
+        cfg.model.attn_implementation, on_cuda=on_cuda, flash_installed=flash_attn_installed()
+    )
     if e.deepspeed_config and not os.path.isfile(e.deepspeed_config):
         problems.append(f"--deepspeed_config {e.deepspeed_config!r} does not exist.")
     if not (t.dry_run or cfg.planner.estimate_memory):
@@ -101,7 +136,7 @@ def flag_problems(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]
     if not cfg.planner.estimate_memory:
         problems += folder_problems("--data_output_path", cfg.data.data_output_path)
     files = not cfg.planner.estimate_memory
-    model_problems = _model_problems(cfg.model, cfg.data.max_seq_len, cfg.batch.packing, files)
+    model_problems = _model_problems(cfg.model, cfg.data.max_seq_len, files)
     problems += model_problems
     if files and not model_problems:  # the template is checked with the tokenizer it needs
         problems += _chat_template_problems(cfg.model, cfg.data)
@@ -187,9 +222,10 @@ def folder_problems(flag: str, path: str) -> list[str]:
     return []
 
 
-def _model_problems(model: ModelConfig, max_seq_len: int, packing: bool, files: bool) -> list[str]:
+def _model_problems(model: ModelConfig, max_seq_len: int, files: bool) -> list[str]:
     """The model's config, and with `files` its weights and tokenizer (the memory planner
-    reads only the config, so a config-only folder is enough for it)."""
+    reads only the config, so a config-only folder is enough for it). --packing is checked
+    with the attention the run resolves (`_resolve_attention`)."""
     try:
         config = load_model_config(model)
     except UserError as err:
@@ -198,9 +234,17 @@ def _model_problems(model: ModelConfig, max_seq_len: int, packing: bool, files: 
     if files:
         problems += weight_problems(model.model_name_or_path)
         problems += tokenizer_problems(model, config)
-    if packing:
-        attn = getattr(config, "_attn_implementation", None)
-        problems += packing_problems(config.model_type, attn)
+    if model.chunked_loss == "on" and model.compile:
+        problems.append(
+            "--chunked_loss on and --compile exclude each other (the chunked loss replaces the "
+            "output layer's forward on every call, which a compiled graph cannot follow); "
+            "drop one (--chunked_loss auto with --compile uses the plain loss)."
+        )
+    if model.chunked_loss == "on" and (problem := chunked_loss_config_problem(config)):
+        problems.append(
+            f"--chunked_loss on cannot be used with this model: {problem}. Use --chunked_loss "
+            "auto (the plain loss where the chunked one would differ)."
+        )
     limit = max_positions(config)
     if limit is not None and max_seq_len > limit:
         problems += [

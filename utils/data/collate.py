@@ -13,7 +13,17 @@ from utils.arithmetic import round_up
 from utils.data.common import IGNORE_INDEX
 from utils.data.labels import build_labels
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# What a batch passes to the model; the last four only under mask-free packing
+# (utils/data/packing.py's collate_flat: per-example boundaries for FlashAttention-2).
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "position_ids",
+    "cu_seq_lens_q",
+    "cu_seq_lens_k",
+    "max_length_q",
+    "max_length_k",
+)
 PAD_MULTIPLE = 8  # widths a multiple of 8 suit tensor cores and keep kernel shapes few
 
 

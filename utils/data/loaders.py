@@ -7,6 +7,7 @@ sampler yields whole index lists, each fetched in one Arrow read and collated.
 
 from __future__ import annotations
 
+import signal
 from functools import partial
 
 import torch
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from utils.data.collate import collate
 from utils.data.config import BatchConfig
-from utils.data.packing import collate_packed, pack_rows
+from utils.data.packing import collate_flat, collate_packed, pack_rows
 from utils.data.sampler import FILLER, LengthGroupedSampler
 
 
@@ -41,6 +42,14 @@ class _Rows:
         ]
 
 
+def _leave_stop_signals_to_training(worker_id: int) -> None:
+    """Schedulers signal every process of a job; the training process then finishes its step
+    and checkpoints (utils/engine/preemption.py). A worker killed by the same signal would
+    crash it first, so workers ignore it (they exit when the training process does)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def row_lengths(dataset) -> list[int]:
     return [len(ids) for ids in dataset["input_ids"]]
 
@@ -56,23 +65,35 @@ def build_train_loader(
     rank: int,
     world_size: int,
     mask_dtype: torch.dtype,
+    flat_packs: bool = False,
+    on_gpu: bool = False,
 ) -> DataLoader:
     """Micro-batches for this rank; `loader.sampler.set_epoch(e)` gives a new order per epoch.
 
     Default: length-grouped batches padded to their longest example. `pad_to_max_len`:
     random batches padded to max_seq_len. `packing`: rows of several examples, packed once
     (best fit), in a new random order every epoch; their additive attention masks are in
-    `mask_dtype`, the model's compute dtype. `len(loader.sampler)` is the number of
-    micro-batches an epoch trains (packs, not rows, under packing).
+    `mask_dtype`, the model's compute dtype; `flat_packs`: a micro-batch's packs in one row
+    without mask or padding, for attention that takes per-example boundaries
+    (`collate_flat`). `len(loader.sampler)` is the number of micro-batches an epoch trains
+    (packs, not rows, under packing). `on_gpu`: collate in worker processes into pinned
+    memory, so batches are ready and copy asynchronously (on a CPU, workers would only
+    compete with training for the cores).
     """
     lengths = row_lengths(dataset)
     packs = None
     if batch.packing:
         packs = pack_rows(lengths, max_seq_len)
         lengths = [sum(lengths[i] for i in pack) for pack in packs]
-        collate_fn = partial(
-            collate_packed, pad_token_id=pad_token_id, loss_on=batch.loss_on, mask_dtype=mask_dtype
-        )
+        if flat_packs:
+            collate_fn = partial(collate_flat, loss_on=batch.loss_on)
+        else:
+            collate_fn = partial(
+                collate_packed,
+                pad_token_id=pad_token_id,
+                loss_on=batch.loss_on,
+                mask_dtype=mask_dtype,
+            )
     else:
         pad_to = max_seq_len if batch.pad_to_max_len else None
         collate_fn = partial(
@@ -81,8 +102,12 @@ def build_train_loader(
     sampler = LengthGroupedSampler(
         lengths, micro_batch, rank, world_size, seed, group_by_length=not batch.pad_to_max_len
     )
+    workers = {}
+    if on_gpu:
+        workers = {"num_workers": 2, "pin_memory": True, "persistent_workers": True}
+        workers["worker_init_fn"] = _leave_stop_signals_to_training
     return DataLoader(
-        _Rows(dataset, packs), sampler=sampler, batch_size=None, collate_fn=collate_fn
+        _Rows(dataset, packs), sampler=sampler, batch_size=None, collate_fn=collate_fn, **workers
     )
 
 

@@ -6,6 +6,11 @@ gets exactly the logits it would get alone. Restarting position ids alone is not
 (attention would still cross examples), so packing is allowed only for the model types
 and attention implementations below, which were checked to take such a mask as-is
 (tests/test_packing.py compares packed and separate logits).
+
+Attention kernels that take per-example boundaries (FlashAttention-2's variable-length
+path) need no mask and no padding at all: `collate_flat` concatenates a micro-batch's packs
+into one row and passes the boundaries (`cu_seq_lens_*`, as transformers'
+DataCollatorWithFlattening does), so attention memory stays linear in the packed length.
 """
 
 from __future__ import annotations
@@ -25,10 +30,17 @@ from utils.data.labels import build_labels
 PACKING_SUPPORT = {
     model_type: ("eager", "sdpa") for model_type in ("opt", "llama", "mistral", "qwen2", "gpt2")
 }
+# Attention implementations that take per-example boundaries from `collate_flat`'s
+# cu_seq_lens_* (transformers passes them to flash_attn_varlen_func), for the same model
+# types, whose layers forward these keyword arguments to the attention function.
+VARLEN_ATTENTION = ("flash_attention_2",)
 
 
 def packing_problems(model_type: str, attn_implementation: str | None) -> list[str]:
-    """Why packing cannot isolate examples for this model, or [] when it can."""
+    """Why packing cannot isolate examples for this model, or [] when it can.
+
+    `attn_implementation` None: transformers' default (sdpa, else eager), which takes a mask.
+    """
     supported = PACKING_SUPPORT.get(model_type)
     if supported is None:
         return [
@@ -36,10 +48,12 @@ def packing_problems(model_type: str, attn_implementation: str | None) -> list[s
             f"to each other. Supported: {', '.join(sorted(PACKING_SUPPORT))}; "
             "or drop --packing (length-grouped batches already avoid most padding)."
         ]
-    if attn_implementation is not None and attn_implementation not in supported:
+    allowed = supported + VARLEN_ATTENTION
+    if attn_implementation is not None and attn_implementation not in allowed:
         return [
-            f"--packing needs attention that takes a 4D mask ({', '.join(supported)}); this "
-            f"model uses {attn_implementation!r}. Drop --packing."
+            f"--packing needs attention that takes a 4D mask ({', '.join(supported)}) or "
+            f"per-example boundaries ({', '.join(VARLEN_ATTENTION)}); this model uses "
+            f"{attn_implementation!r}. Pass --attn_implementation sdpa, or drop --packing."
         ]
     return []
 
@@ -109,4 +123,37 @@ def collate_packed(
         "position_ids": position_ids,
         "labels": labels,
         "seq_lens": torch.tensor(seq_lens, dtype=torch.long),
+    }
+
+
+def collate_flat(packs: list[list[dict]], *, loss_on: str) -> dict:
+    """Packs (lists of rows) concatenated into one row [1, N]: no padding, no mask.
+
+    Each example's position ids restart at 0 and its first label is ignored (it is never
+    predicted from the example before it), as in `collate_packed`; `cu_seq_lens_q/k`
+    (int32 [examples + 1], cumulative lengths) and `max_length_q/k` (an int) tell the
+    attention kernel where examples start, so none attends to another.
+    """
+    rows = [row for pack in packs for row in pack]
+    lengths = [len(row["input_ids"]) for row in rows]
+    input_ids, labels, position_ids = [], [], []
+    for row in rows:
+        input_ids += row["input_ids"]
+        row_labels = build_labels(row, loss_on)
+        row_labels[0] = IGNORE_INDEX
+        labels += row_labels
+        position_ids += range(len(row["input_ids"]))
+    boundaries = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return {
+        "input_ids": torch.tensor([input_ids], dtype=torch.long),
+        "position_ids": torch.tensor([position_ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "cu_seq_lens_q": boundaries,
+        "cu_seq_lens_k": boundaries,
+        "max_length_q": max(lengths),
+        "max_length_k": max(lengths),
+        "seq_lens": torch.tensor(
+            [n for n, row in zip(lengths, rows, strict=True) if not row.get("filler")],
+            dtype=torch.long,
+        ),
     }

@@ -22,8 +22,8 @@ from itertools import islice
 import torch
 
 from utils.arithmetic import ceil_div
-from utils.data.common import IGNORE_INDEX
 from utils.distributed import all_reduce_sum
+from utils.model.loss import count_trained
 
 
 @dataclass(frozen=True)
@@ -70,11 +70,7 @@ class Window:
 
     batches: list[dict[str, torch.Tensor]]
     tokens: int  # trained tokens of the whole step: all micro-batches, all ranks
-
-
-def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that carry a loss (labels are shifted by one inside the loss)."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    counts: list[int]  # trained tokens of each of this rank's micro-batches
 
 
 def accumulation_windows(
@@ -85,13 +81,14 @@ def accumulation_windows(
     Looks ahead over the window (batches stay on the host) so the token count of the
     whole step, summed over ranks, is known before its first backward. Every rank has
     the same number of micro-batches, so windows (the last, short one too) line up
-    across ranks.
+    across ranks. Counted from the host-side labels: the loss never has to read a count
+    back from the device.
     """
     batches = iter(loader)
     while window := list(islice(batches, accumulation)):
-        local = sum(trained_tokens(b) for b in window)
-        (total,) = all_reduce_sum([local], device)
-        yield Window(window, int(total))
+        counts = [count_trained(b["labels"]) for b in window]
+        (total,) = all_reduce_sum([sum(counts)], device)
+        yield Window(window, int(total), counts)
 
 
 def micro_batch_loss(

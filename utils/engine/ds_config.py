@@ -25,6 +25,8 @@ class EngineSetup:
     config: dict
     world_size: int
     dtype_reason: str  # why this precision (the summary prints it)
+    attention: str | None = None  # --attn_implementation resolved; None: transformers' default
+    attention_reason: str = ""
 
     @property
     def zero_stage(self) -> int:
@@ -35,7 +37,14 @@ class EngineSetup:
         for dtype in ("fp16", "bf16"):
             if self.config.get(dtype, {}).get("enabled"):
                 return dtype
+        if self.autocast:
+            return AUTOCAST_DTYPES.get(str(self.config["torch_autocast"].get("dtype")), "fp32")
         return "fp32"
+
+    @property
+    def autocast(self) -> bool:
+        """Whether 16 bits come from torch.autocast (fp32 weights, 16-bit matrix products)."""
+        return bool(self.config.get("torch_autocast", {}).get("enabled"))
 
     @property
     def offload(self) -> bool:
@@ -47,13 +56,41 @@ class EngineSetup:
         )
 
 
+AUTOCAST_DTYPES = {"bfloat16": "bf16", "torch.bfloat16": "bf16", "bf16": "bf16",
+                   "float16": "fp16", "torch.float16": "fp16", "fp16": "fp16"}  # fmt: skip
+CPU_BF16_AUTOCAST = (
+    "via torch.autocast (fp32 weights, bf16 matrix products): at ZeRO stage 0 DeepSpeed's "
+    "bf16 mode keeps bf16 weights beside an fp32 master copy and fp32 gradient copies, "
+    "about 4x fp32's memory between steps (bench/cpu_bf16.py)"
+)
+
+
+def uses_cpu_autocast(dtype: str, on_cuda: bool, zero_stage: int) -> bool:
+    """bf16 on a CPU at ZeRO stage 0 trains through torch.autocast, not DeepSpeed's bf16 mode.
+
+    There DeepSpeed wraps the optimizer in FP16_UnfusedOptimizer: bf16 weights and gradients,
+    an fp32 master copy and fp32 copies of all gradients at every step, ~20-24 bytes per
+    parameter against fp32's 16, so bf16 used more memory than fp32 (issue 14). Autocast
+    keeps fp32 weights and gradients (no copy) and runs matrix products in bf16. At ZeRO
+    1-3 DeepSpeed's bf16 optimizer partitions its master copy: no such penalty.
+    """
+    return dtype == "bf16" and not on_cuda and zero_stage == 0
+
+
 def build_ds_config(
-    engine: EngineConfig, train: TrainConfig, observe: ObserveConfig, world_size: int, dtype: str
+    engine: EngineConfig,
+    train: TrainConfig,
+    observe: ObserveConfig,
+    world_size: int,
+    dtype: str,
+    *,
+    on_cuda: bool,
 ) -> dict:
     """ZeRO stage, offload, precision, batch geometry, clipping and TensorBoard.
 
-    `dtype` is the resolved precision (fp32, fp16 or bf16). A --deepspeed_config file, if
-    given, is merged over the result so its keys win.
+    `dtype` is the resolved precision (fp32, fp16 or bf16); `on_cuda` whether it trains on
+    GPUs (bf16 on a CPU at ZeRO-0 goes through torch.autocast: `uses_cpu_autocast`). A
+    --deepspeed_config file, if given, is merged over the result so its keys win.
     """
     micro = train.per_device_train_batch_size
     accumulation = train.gradient_accumulation_steps
@@ -82,6 +119,9 @@ def build_ds_config(
         "prescale_gradients": False,
         "wall_clock_breakdown": False,
     }
+    if uses_cpu_autocast(dtype, on_cuda, engine.zero_stage):
+        config["bf16"] = {"enabled": False}
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if observe.enable_tensorboard:
         config["tensorboard"] = {
             "enabled": True,

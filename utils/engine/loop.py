@@ -3,7 +3,8 @@
 `train(loop, cfg)` evaluates the starting point, then runs the epochs: each epoch's
 micro-batches are grouped into accumulation windows (utils/engine/accumulation.py), each
 window is one optimizer step, and the model is evaluated after every epoch. The loss is
-pulled to the host only on the steps that are logged.
+pulled to the host only on the steps that are logged; token counts come from the host-side
+labels, so a step that is not logged never waits for the device.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from utils.engine.accumulation import (
 from utils.engine.checkpoint import Checkpointer
 from utils.engine.config import TrainConfig
 from utils.engine.elastic_position import start_epoch
-from utils.model.loss import model_nll
+from utils.model.loss import LossPath, count_trained, prepare_batch, summed_nll
 from utils.observe.progress import RunMonitor, grad_norm
 from utils.observe.throughput import ThroughputMeter, format_throughput
 
@@ -51,7 +52,7 @@ class TrainLoop:
     monitor: RunMonitor
     meter: ThroughputMeter
     checkpointer: Checkpointer
-    fp32_loss: bool  # --compute_fp32_loss: the softmax in fp32 (sums are fp32 regardless)
+    loss: LossPath  # chunked or plain, decided once at start-up (utils/model/loss.py)
 
 
 def train(loop: TrainLoop, cfg: TrainConfig) -> list[EvalResult]:
@@ -61,7 +62,8 @@ def train(loop: TrainLoop, cfg: TrainConfig) -> list[EvalResult]:
     Returns early, with `loop.checkpointer.preempted` set, when a signal stopped the run.
     """
     engine, plan, position = loop.engine, loop.plan, loop.checkpointer.start
-    results = [evaluate_and_report(loop, epoch=0, label="Epoch 0 (before training)")]
+    with loop.meter.paused():  # evaluation is not training time
+        results = [evaluate_and_report(loop, epoch=0, label="Epoch 0 (before training)")]
     try:
         for epoch in range(position.epoch, cfg.num_train_epochs):
             if engine.global_steps >= plan.total_steps:  # resumed from the run's last checkpoint
@@ -102,13 +104,13 @@ def train_step(loop: TrainLoop, window: Window, loss_averaging: str) -> torch.Te
     """One optimizer step over the window's micro-batches; the step's summed NLL (on device)."""
     engine, device = loop.engine, loop.dist.device
     step_nll = torch.zeros((), device=device)
-    for i, batch in enumerate(window.batches):
+    for i, (batch, count) in enumerate(zip(window.batches, window.counts, strict=True)):
         loop.meter.add_batch(batch)
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = prepare_batch(batch, loop.loss, device)
         # The window may be shorter than --gradient_accumulation_steps (an epoch's last
         # step): its last micro-batch is where the optimizer steps.
         engine.set_gradient_accumulation_boundary(i == len(window.batches) - 1)
-        nll, count = model_nll(engine, batch, loop.fp32_loss)
+        nll = summed_nll(engine, batch, loop.loss)
         loss = micro_batch_loss(nll, count, window, loss_averaging, loop.dist.world_size)
         # The loss is already divided over the window; DeepSpeed must not divide again.
         engine.backward(loss, scale_wrt_gas=False)
@@ -137,15 +139,16 @@ def log_step(loop: TrainLoop, epoch: int, window: Window, step_nll: torch.Tensor
 
 
 def evaluate_and_report(loop: TrainLoop, epoch: int, label: str) -> EvalResult:
-    result = evaluate(loop.engine, loop.eval_loader, loop.dist, loop.fp32_loss)
+    result = evaluate(loop.engine, loop.eval_loader, loop.dist, loop.loss)
     print_eval(result, label)
     loop.monitor.record_eval(loop.engine.global_steps, epoch, result)
     return result
 
 
 @torch.no_grad()
-def evaluate(engine, loader: DataLoader, dist: DistInfo, fp32_loss: bool) -> EvalResult:
-    """Token-weighted loss and perplexity over every eval row, each counted once across ranks.
+def evaluate(engine, loader: DataLoader, dist: DistInfo, loss: LossPath) -> EvalResult:
+    """Token-weighted loss and perplexity over every eval row, each counted once across ranks,
+    with the training loss's path (chunked or plain).
 
     Ranks can hold different numbers of batches; at ZeRO-3 each forward is a collective,
     so ranks that run out repeat a batch with zero weight until all are done.
@@ -153,15 +156,14 @@ def evaluate(engine, loader: DataLoader, dist: DistInfo, fp32_loss: bool) -> Eva
     engine.eval()
     batches = list(loader)
     rounds = all_reduce_max(len(batches), dist.device)
-    nll_sum, tokens = 0.0, 0
+    nll_sum, tokens = torch.zeros((), dtype=torch.float64, device=dist.device), 0
     for i in range(rounds):
         batch = batches[min(i, len(batches) - 1)] if batches else _empty_batch()
-        batch = {k: v.to(dist.device, non_blocking=True) for k, v in batch.items()}
-        nll, count = model_nll(engine, batch, fp32_loss)
+        nll = summed_nll(engine, prepare_batch(batch, loss, dist.device), loss)
         if i < len(batches):
-            nll_sum += float(nll)
-            tokens += count
-    nll_sum, tokens = all_reduce_sum([nll_sum, tokens], dist.device)
+            nll_sum += nll
+            tokens += count_trained(batch["labels"])
+    nll_sum, tokens = all_reduce_sum([float(nll_sum), tokens], dist.device)
     engine.train()
     loss = nll_sum / max(tokens, 1)
     return EvalResult(loss=loss, perplexity=_safe_exp(loss), tokens=int(tokens))

@@ -50,16 +50,24 @@ def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def chunked_loss_problem(model: torch.nn.Module) -> str | None:
-    """Why the chunked loss would not equal this model's plain loss, or None when it does."""
-    lm = causal_lm(model)
-    config = getattr(lm, "config", None)
+def chunked_loss_config_problem(config) -> str | None:
+    """What in a model's config makes the chunked loss differ from its plain loss, if anything
+    (checked before the model is built; `chunked_loss_problem` also checks the output layer)."""
     model_type = getattr(config, "model_type", None)
     if model_type not in CHUNKED_LOSS_MODEL_TYPES:
         return f"model type {model_type!r} is not known to compute logits as head(hidden states)"
     transforms = [k for k in LOGIT_TRANSFORMS if getattr(config, k, None) not in (None, 1, 1.0)]
     if transforms:
         return f"the model transforms its logits after the output layer ({', '.join(transforms)})"
+    return None
+
+
+def chunked_loss_problem(model: torch.nn.Module) -> str | None:
+    """Why the chunked loss would not equal this model's plain loss, or None when it does."""
+    lm = causal_lm(model)
+    problem = chunked_loss_config_problem(getattr(lm, "config", None))
+    if problem is not None:
+        return problem
     head = lm.get_output_embeddings()
     # Exactly nn.Linear: a wrapped head (a PEFT layer) has its own forward that must run.
     if type(head) is not torch.nn.Linear:
@@ -91,6 +99,16 @@ def loss_kernel(device_type: str, liger_importable: bool | None = None) -> str:
     return "liger" if device_type == "cuda" and liger_importable else "torch"
 
 
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices into the [B*T] positions whose next token carries a loss ([N], int64).
+
+    Computed from host-side labels before a batch moves to the GPU, it spares `chunked_nll`
+    the boolean indexing that would make every call wait for the device."""
+    trained = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)  # [B, T]
+    trained[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return trained.reshape(-1).nonzero().squeeze(1)
+
+
 def chunked_nll(
     hidden: torch.Tensor,
     head: torch.nn.Linear,
@@ -98,25 +116,39 @@ def chunked_nll(
     chunk_tokens: int,
     mode: str = "recompute",
     kernel: str = "torch",
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token NLL (fp32 scalar) over non-ignored labels, and their count.
 
     hidden: [B, T, H] final hidden states; labels: [B, T] (shifted by one here, as in
-    utils.train.token_nll). Reads `head.weight`: at ZeRO-3 call it inside the head's
-    forward (as `forward_chunked_nll` does), where DeepSpeed has gathered the weight.
+    utils.model.loss.plain_nll); positions: `loss_positions(labels)` when already known.
+    Reads `head.weight`: at ZeRO-3 call it inside the head's forward (as
+    `forward_chunked_nll` does), where DeepSpeed has gathered the weight. Under
+    torch.autocast the projection runs in the autocast dtype, as autocast runs a Linear.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    trained = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]
-    rows = hidden[:, :-1][trained]  # [N, H]: only positions that carry a loss get logits
-    targets = labels[:, 1:][trained]  # [N]
-    count = rows.size(0)
-    if kernel == "liger" and count:
-        return _liger_nll(rows, head, targets), count
-    needs_grad = torch.is_grad_enabled() and (
-        rows.requires_grad or any(p.requires_grad for p in head.parameters())
-    )
-    nll = _ChunkedNLL.apply(rows, head.weight, head.bias, targets, chunk_tokens, mode, needs_grad)
+    if positions is None:
+        positions = loss_positions(labels)
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, T]
+    rows = hidden.reshape(-1, hidden.size(-1)).index_select(0, positions)  # [N, H]
+    targets = shifted.reshape(-1).index_select(0, positions)  # [N]
+    count = positions.numel()  # a shape: no device sync
+    weight, bias = head.weight, head.bias
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Autocast would cast each chunk's matmul on its own (and not the fused gradients
+        # below); cast once, as autocast does for a Linear, and run the chunks without it.
+        dtype = torch.get_autocast_dtype(device_type)
+        rows, weight = rows.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        if kernel == "liger" and count:
+            return _liger_nll(rows, weight, bias, targets), count
+        needs_grad = torch.is_grad_enabled() and (
+            rows.requires_grad or any(p.requires_grad for p in head.parameters())
+        )
+        nll = _ChunkedNLL.apply(rows, weight, bias, targets, chunk_tokens, mode, needs_grad)
     return nll, count
 
 
@@ -127,6 +159,7 @@ def forward_chunked_nll(
     chunk_tokens: int,
     mode: str = "recompute",
     kernel: str = "torch",
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Run `model` (engine, PeftModel or causal LM) on `inputs`; its output layer returns
     the summed NLL over `labels` instead of logits. Returns (nll fp32 scalar, count)."""
@@ -134,7 +167,7 @@ def forward_chunked_nll(
     counted: list[int] = []
 
     def head_forward(hidden: torch.Tensor) -> torch.Tensor:
-        nll, count = chunked_nll(hidden, head, labels, chunk_tokens, mode, kernel)
+        nll, count = chunked_nll(hidden, head, labels, chunk_tokens, mode, kernel, positions)
         counted.append(count)
         return nll
 
@@ -152,13 +185,15 @@ def forward_chunked_nll(
     return nll, counted[0]
 
 
-def _liger_nll(rows: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor) -> torch.Tensor:
+def _liger_nll(
+    rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+) -> torch.Tensor:
     from liger_kernel.transformers.fused_linear_cross_entropy import (
         LigerFusedLinearCrossEntropyLoss,
     )
 
     loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
-    out = loss_fn(head.weight, rows, targets, head.bias)
+    out = loss_fn(weight, rows, targets, bias)
     out = getattr(out, "loss", out)  # newer versions may return a (loss, extras) record
     return (out[0] if isinstance(out, tuple) else out).float()
 

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 from utils.flags import flag
 
+CHUNKED_LOSS = ("auto", "on", "off")
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -31,6 +34,24 @@ class ModelConfig:
     )
     compute_fp32_loss: bool = flag(
         False, "Compute the loss in fp32 even when training in fp16/bf16."
+    )
+    chunked_loss: str = flag(
+        "auto",
+        "Compute the output layer and the loss in chunks of tokens, never holding the full "
+        "[batch, seq, vocab] logits (4-5x lower peak memory, not slower; softmax in fp32). "
+        "'auto': wherever it equals the model's plain loss; 'off': the plain loss.",
+        choices=CHUNKED_LOSS,
+    )
+    attn_implementation: str = flag(
+        "auto",
+        "Attention kernel. 'auto': transformers' default (sdpa), or flash_attention_2 for "
+        "--packing on a GPU where flash-attn is installed (packs without padding or mask).",
+        choices=ATTENTION,
+    )
+    compile: bool = flag(
+        False,
+        "torch.compile the model (off by default: measured no faster on a CPU, and its first "
+        "step compiles for minutes; the loss is then the plain one).",
     )
 
     @property

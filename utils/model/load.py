@@ -106,16 +106,19 @@ def build_model(
     tokenizer: PreTrainedTokenizerBase,
     ds_config: dict | None = None,
     on_meta: bool = False,
+    attention: str | None = None,
 ) -> PreTrainedModel:
     """The causal LM, with dropout override, pad/eos ids set and embeddings resized.
 
     `on_meta` builds the architecture without allocating or reading weights (dry runs).
+    `attention`: the attention implementation validation resolved (None: transformers'
+    default, sdpa where the model has it).
     """
     config = load_model_config(cfg)
     if on_meta:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(
-                config, trust_remote_code=cfg.trust_remote_code
+                config, trust_remote_code=cfg.trust_remote_code, attn_implementation=attention
             )
     else:
         with _zero3_init_context(ds_config):
@@ -124,6 +127,7 @@ def build_model(
                 config=config,
                 trust_remote_code=cfg.trust_remote_code,
                 dtype=torch.float32,  # DeepSpeed casts to fp16/bf16 and keeps fp32 master weights
+                attn_implementation=attention,
             )
             _resize_embeddings(model, tokenizer)
     if on_meta:

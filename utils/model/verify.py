@@ -54,15 +54,13 @@ def verify_saved_model(
     # Decided from the parameter count alone, so every rank agrees (the forward is collective).
     reload = _fp32_bytes(model) <= RELOAD_MAX_BYTES
     if reload:
-        batch, trained = _trained_logits(engine, eval_loader, dist)
+        batch, trained, dtype = _trained_logits(engine, eval_loader, dist)
     problem, count = compare_tensors(model, zero_stage, output_dir, dist.is_main)
     with rank_zero_first(f"verify the model saved in {output_dir}"):
         if dist.is_main:
             reload = reload and _fp32_bytes(model) * 2 <= psutil.virtual_memory().available
             if not problem and reload:
-                problem = _compare_logits(
-                    output_dir, batch, trained, _dtype(model), trust_remote_code
-                )
+                problem = _compare_logits(output_dir, batch, trained, dtype, trust_remote_code)
             if problem:
                 raise SavedModelMismatch(problem)
     how = "and from_pretrained reproduces the trained model's logits"
@@ -183,9 +181,11 @@ def _trained_logits(engine, eval_loader: DataLoader, dist: DistInfo):
     batch = {k: v[:1] for k, v in batch.items()}  # one row: the fp32 CPU reload stays cheap
     inputs = {k: v.to(dist.device) for k, v in batch.items() if k != "labels"}
     engine.eval()
-    trained = engine(**inputs, use_cache=False).logits.float().cpu()
+    logits = engine(**inputs, use_cache=False).logits
     engine.train()
-    return batch, trained
+    # The precision the logits were computed in: the weights' under DeepSpeed's fp16/bf16,
+    # the autocast dtype with fp32 weights under torch.autocast.
+    return batch, logits.float().cpu(), logits.dtype
 
 
 def _compare_logits(
@@ -212,10 +212,6 @@ def _compare_logits(
 
 def _fp32_bytes(model: torch.nn.Module) -> int:
     return 4 * sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-
-
-def _dtype(model: torch.nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
 
 
 def _probe_batch() -> dict[str, torch.Tensor]:

@@ -21,9 +21,11 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from utils.config import Config
 from utils.engine.config import EngineConfig
+from utils.model.chunked_loss import chunked_loss_config_problem
 from utils.model.config import LoraConfig
 from utils.model.lora import resolve_lora_targets
 from utils.planner.config import PlannerConfig
+from utils.planner.loss_memory import estimate_loss_memory, planned_loss_mode
 
 GB = 2**30
 MAX_HEADS = 1 << 12
@@ -45,6 +47,7 @@ class ModelShape:
     ffn: int
     vocab: int
     gated_mlp: bool
+    chunked_loss_exact: bool  # logits are head(hidden states): the chunked loss applies
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ def measure_shape(config: PretrainedConfig, lora: LoraConfig) -> ModelShape:
         ffn=_ffn_size(config),
         vocab=config.vocab_size,
         gated_mlp=any(n.endswith("gate_proj") for n, _ in one_layer.named_modules()),
+        chunked_loss_exact=chunked_loss_config_problem(config) is None,
     )
 
 
@@ -188,7 +192,14 @@ def estimate_model_states(
 
 
 def estimate_activations(
-    shape: ModelShape, batch: int, seq: int, checkpointing: bool, lora: LoraConfig, dtype: str
+    shape: ModelShape,
+    batch: int,
+    seq: int,
+    checkpointing: bool,
+    lora: LoraConfig,
+    dtype: str,
+    *,
+    loss_mode: str,
 ) -> int:
     """Bytes of activations kept for the backward pass on one GPU.
 
@@ -197,8 +208,8 @@ def estimate_activations(
     so the seq x seq score matrix is not stored: attention 11*s*b*h, layer norms
     4*s*b*h, MLP 3*s*b*h + 4*s*b*ffn (6*s*b*ffn for a gated MLP as in LLaMA), i.e.
     34*s*b*h for OPT/GPT-2 shapes. Gradient checkpointing keeps each layer's 16-bit
-    input (2*s*b*h) plus one layer recomputed at a time. Logits cost 10 bytes per
-    vocabulary entry (16-bit logits, fp32 upcast and log-softmax for the loss).
+    input (2*s*b*h) plus one layer recomputed at a time. The loss: `estimate_loss_memory`
+    (`loss_mode` "plain", or the chunked loss's "fused"/"recompute").
     Our extension for LoRA: each adapted linear stores its rank-r intermediate.
     """
     tokens = batch * seq
@@ -212,8 +223,7 @@ def estimate_activations(
         if checkpointing
         else shape.layers * layer
     )
-    logits = tokens * shape.vocab * (8 if dtype == "fp32" else 10)
-    return kept + logits
+    return kept + estimate_loss_memory(shape, tokens, dtype, loss_mode)
 
 
 @dataclass(frozen=True)
@@ -243,6 +253,7 @@ def plan_memory(shape: ModelShape, cfg: Config) -> MemoryPlan:
         cfg.model.gradient_checkpointing,
         cfg.lora,
         engine.dtype,
+        loss_mode=planned_loss_mode(shape, cfg, engine.zero_stage),
     )
     return MemoryPlan(shape, states, activations)
 

@@ -14,7 +14,13 @@ from transformers import PretrainedConfig
 from utils.config import Config
 from utils.engine.ds_config import EngineSetup
 from utils.model.load import load_model_config
-from utils.planner.estimate import GB, largest_fitting_model, measure_shape, plan_memory
+from utils.planner.estimate import (
+    GB,
+    largest_fitting_model,
+    measure_shape,
+    plan_memory,
+    planned_loss_mode,
+)
 
 RULE_OF_THUMB_GB_PER_BILLION = 3  # README: GPU GB / 3 = billions of params (ZeRO-3+GC+LoRA)
 
@@ -55,6 +61,7 @@ def estimate_memory(cfg: Config) -> dict:
         "rule_of_thumb_params": int(rule),
         "rule_of_thumb_holds": largest_params >= rule,
         "shape": asdict(plan.shape),
+        "loss_mode": planned_loss_mode(plan.shape, cfg, cfg.engine.zero_stage),
     }
 
 
@@ -86,7 +93,7 @@ def format_memory_plan(summary: dict, cfg: Config) -> str:
         f"  ZeRO-{engine.zero_stage}, offload {'on' if engine.offload else 'off'}, dtype "
         f"{'bf16' if engine.dtype == 'auto' else engine.dtype}, gradient checkpointing "
         f"{'on' if cfg.model.gradient_checkpointing else 'off'}, "
-        f"{lora_text if lora.enabled else 'no LoRA'}, micro-batch "
+        f"{lora_text if lora.enabled else 'no LoRA'}, loss {summary['loss_mode']}, micro-batch "
         f"{cfg.train.per_device_train_batch_size} x {cfg.data.max_seq_len} tokens, "
         f"{cfg.planner.num_nodes} node(s) x {gpus} GPU(s)",
         f"  {'':<18}{'per GPU':>12}{'per node':>12}",
