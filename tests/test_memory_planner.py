@@ -24,11 +24,10 @@ from utils.planner.estimate import (
     GB,
     estimate_activations,
     estimate_model_states,
-    largest_fitting_model,
     measure_shape,
     plan_memory,
-    scale_config,
 )
+from utils.planner.largest import largest_fitting_model, scale_config
 from utils.planner.report import estimate_memory, format_memory_plan
 
 CONFIGS = {

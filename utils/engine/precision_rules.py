@@ -16,7 +16,9 @@ FP16_UnfusedOptimizer (any other: the CPU Adam, on a CPU or when offloading), an
   checks, summary) instead of a stage swapped in behind the user's back.
 - bf16 with the unfused wrapper: 0.17.6 to 0.18.5 train wrongly (0.17.6-0.18.2 never clear
   the gradients, so each step adds every earlier step's gradient; 0.18.3-0.18.5 also
-  divide by an fp16 loss scale of 65,536); fixed in 0.18.6. Refused on those versions.
+  divide by an fp16 loss scale of 65,536); fixed in 0.18.6. Refused on those versions
+  with --offload (on a CPU without it the tool trains bf16 at stage 0 through
+  torch.autocast, which keeps DeepSpeed's wrapper out).
 - bf16 with FusedAdam, and fp32: correct everywhere.
 """
 
@@ -67,7 +69,9 @@ def precision_problems(
             + (", or --dtype bf16." if bf16_supported else ".")
         ]
     installed = deepspeed_version or version("deepspeed")
-    unfused = not on_cuda or offload
+    # The unfused wrapper comes with the CPU Adam: with --offload. Without it, bf16 at
+    # stage 0 on a CPU trains through torch.autocast (ds_config.uses_cpu_autocast).
+    unfused = offload
     low, fixed = BF16_UNFUSED_BROKEN
     if dtype == "bf16" and unfused and low <= _release(installed) < fixed:
         return [

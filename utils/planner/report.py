@@ -14,13 +14,8 @@ from transformers import PretrainedConfig
 from utils.config import Config
 from utils.engine.ds_config import EngineSetup
 from utils.model.load import load_model_config
-from utils.planner.estimate import (
-    GB,
-    largest_fitting_model,
-    measure_shape,
-    plan_memory,
-    planned_loss_mode,
-)
+from utils.planner.estimate import GB, measure_shape, plan_memory, planned_loss_mode
+from utils.planner.largest import largest_fitting_model
 
 RULE_OF_THUMB_GB_PER_BILLION = 3  # README: GPU GB / 3 = billions of params (ZeRO-3+GC+LoRA)
 
