@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from tests.conftest import child_env
 
 REPO = Path(__file__).resolve().parent.parent
 # 34 rows, micro-batch 2, accumulation 2: 17 micro-batches per epoch, so 9 optimizer steps
@@ -55,15 +56,9 @@ def main_command(model_dir, data_dir, out, *extra) -> list[str]:
     ]  # fmt: skip
 
 
-DIST_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
-
-
 def run_env(**extra: str) -> dict[str, str]:
     # One thread: the same kernels in every run, so fp32 results are reproducible bit for bit.
-    # An in-process run elsewhere in this pytest session leaves its one-rank group's
-    # RANK/MASTER_PORT behind; a child must not try to join (or bind) that group.
-    inherited = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    return {**inherited, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
+    return child_env(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **extra)
 
 
 def run_to_end(command: list[str], **env: str) -> str:

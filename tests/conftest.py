@@ -19,6 +19,15 @@ CORPUS = [
     " Human: Translate cat to French. Assistant: Cat in French is chat.",
 ] * 20
 
+# An in-process run (main() called by a test) leaves its one-rank group's variables in
+# os.environ; a child process that inherited them would try to join or bind that group.
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child that must start a group of its own."""
+    return {**{k: v for k, v in os.environ.items() if k not in DIST_VARS}, **extra}
+
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():

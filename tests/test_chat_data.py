@@ -20,6 +20,7 @@ from utils.demo.chat_data import TEMPLATE_PATH, add_chat_tokens, build_chat_rows
 from utils.demo.tiny import build_tokenizer
 from utils.engine.accumulation import StepPlan
 from utils.engine.ds_config import EngineSetup
+from utils.model.loss import PLAIN_FP32
 
 CHATML = str(TEMPLATE_PATH)
 # Like Qwen3: an earlier assistant turn loses its <think> reasoning once a later turn exists,
@@ -243,7 +244,7 @@ def test_summary_names_the_template_and_the_share_the_spans_train(demo_data):
     }
     setup = EngineSetup(config=config, world_size=1, dtype_reason="--dtype fp32")
     plan = StepPlan(micro_batches_per_epoch=5, accumulation=1, epochs=1)
-    text = build_summary(cfg, data, (10, 10), setup, plan)
+    text = build_summary(cfg, data, (10, 10), setup, plan, PLAIN_FP32)
     tokens = sum(len(ids) for ids in data.train["input_ids"])
     spans = sum(e - s for row in data.train["loss_spans"] for s, e in row)
     assert f"format       --chat_template {CHATML}: every assistant turn trained" in text

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.conftest import child_env
 from utils.demo.embedded import DEMO_PROMPTS
 from utils.demo.tiny import EOT
 
@@ -38,7 +39,7 @@ def correct(answers: list[str]) -> int:
 
 @pytest.mark.slow
 def test_tiny_demo_learns_what_it_is_asked(tmp_path):
-    env = dict(os.environ, EMBEDDED=str(tmp_path / "embedded"))
+    env = child_env(EMBEDDED=str(tmp_path / "embedded"))  # run_tiny.sh starts its own group
     out = tmp_path / "out"
     result = subprocess.run(
         ["bash", "training_scripts/opt/cpu/run_tiny.sh", str(out)],

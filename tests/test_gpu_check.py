@@ -8,13 +8,14 @@ import subprocess
 
 import pytest
 
+from tests.conftest import child_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.mark.slow
 def test_tiny_gpu_check_reports_every_run_and_the_ratios():
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}  # a group of its own
+    env = child_env()  # a group of its own
     done = subprocess.run(
         ["bash", "bench/gpu_check.sh", "--tiny"],
         cwd=REPO,

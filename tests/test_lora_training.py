@@ -13,18 +13,15 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from tests.conftest import child_env
 from utils.cli.parse import parse_args
 from utils.model.lora import is_lora_parameter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DIST_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
 
 
 def _launch_env() -> dict[str, str]:
-    # An in-process group elsewhere in this session leaves RANK/MASTER_PORT behind; a
-    # child process must not try to join it.
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    return {**env, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    return child_env(PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
 
 
 def _write_jsonl_data(folder, n: int = 24) -> str:
