@@ -168,7 +168,7 @@ def _make_loadable_at_every_stage(folder: str) -> None:
     """Rewrite the converter's output so a ZeRO-1, 2 or 3 engine loads it (see the top)."""
     zero = os.path.join(folder, "zero")
     common_path = os.path.join(zero, "optimizer_state.pt")
-    common = torch.load(common_path, weights_only=False)
+    common = _load(common_path)
     flat = "optimizer_state_dict" in common  # a ZeRO-3 source
     if flat:
         step = _adam_step(folder, common["optimizer_state_dict"]["state"].get(0, {}).get("step"))
@@ -177,13 +177,13 @@ def _make_loadable_at_every_stage(folder: str) -> None:
             name = os.path.basename(os.path.dirname(param_dir))
             for key in ("fp32", "exp_avg", "exp_avg_sq"):
                 path = os.path.join(param_dir, f"{key}.pt")
-                tensor = torch.load(path, weights_only=False)
+                tensor = _load(path)
                 if isinstance(tensor, torch.Tensor):
                     torch.save({"param": tensor.view(shapes[name]), "cat_dim": 0}, path)
             torch.save(step, os.path.join(param_dir, "step.pt"))
     else:
         steps = glob.glob(os.path.join(zero, "*", "step.pt"))
-        step = _adam_step(folder, torch.load(steps[0], weights_only=False) if steps else None)
+        step = _adam_step(folder, _load(steps[0]) if steps else None)
     import deepspeed
 
     common.pop("fp32_flat_groups", None)
@@ -200,12 +200,24 @@ def _make_loadable_at_every_stage(folder: str) -> None:
     if not flat:
         # A ZeRO-1/2 model-states file also holds the whole model, which a universal load
         # never reads (weights come from zero/) but every rank would torch.load.
-        states = torch.load(source, weights_only=False)
+        states = _load(source)
         states["module"] = {}
         torch.save(states, source)
     for name in MODEL_STATES:
         if name not in present:
             _link_or_copy(source, os.path.join(folder, name))
+
+
+def _load(path: str):
+    """A DeepSpeed checkpoint file, unpickled without running code (weights_only): tensors,
+    plain containers and the few DeepSpeed classes its optimizer states hold, nothing else."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, weights_only=True)
 
 
 def _adam_step(folder: str, step):
@@ -225,14 +237,14 @@ def _link_or_copy(source: str, target: str) -> None:
 
 
 def _param_shapes(folder: str) -> dict[str, torch.Size]:
-    states = torch.load(os.path.join(folder, MODEL_STATES[1]), weights_only=False)
+    states = _load(os.path.join(folder, MODEL_STATES[1]))
     return {name: shape for group in states["param_shapes"] for name, shape in group.items()}
 
 
 def restore_param_groups(engine, universal: str) -> None:
     """Give every optimizer param group its own saved hyperparameters back (ZeRO-3 loads
     copy group 0's onto all; at ZeRO-1/2 this changes nothing)."""
-    saved = torch.load(os.path.join(universal, "zero", "optimizer_state.pt"), weights_only=False)
+    saved = _load(os.path.join(universal, "zero", "optimizer_state.pt"))
     optimizer = engine.optimizer
     while hasattr(optimizer, "optimizer"):  # ZeRO wrappers hold the real optimizer inside
         optimizer = optimizer.optimizer
