@@ -20,7 +20,7 @@ from utils.data.chat import ChatTemplate, tokenize_conversation
 from utils.data.common import SourceStats
 from utils.data.conversation import Message, Skip, from_prompt_response, is_text, to_conversation
 from utils.data.formats import Formatter
-from utils.data.tokenize import FEATURES, TRUNCATED, pick_num_proc
+from utils.data.tokenize import FEATURES, TRUNCATED, map_batches
 
 SKIP, SKIP_DETAIL = "skip", "skip_detail"
 CHAT_FEATURES = Features({**FEATURES, SKIP: Value("string"), SKIP_DETAIL: Value("string")})
@@ -72,17 +72,8 @@ def tokenize_chat_rows(
             out[SKIP_DETAIL].append(found.detail if skipped else "")
         return out
 
-    if len(rows) == 0:  # map() on no rows cannot infer the new columns
-        return Dataset.from_dict({name: [] for name in CHAT_FEATURES}, features=CHAT_FEATURES)
-    return rows.map(
-        tokenize_batch,
-        batched=True,
-        remove_columns=rows.column_names,
-        features=CHAT_FEATURES,
-        num_proc=pick_num_proc(len(rows), num_proc),
-        cache_file_name=cache_file,
-        load_from_cache_file=False,
-        desc="Rendering conversations",
+    return map_batches(
+        rows, tokenize_batch, CHAT_FEATURES, cache_file, num_proc, "Rendering conversations"
     )
 
 

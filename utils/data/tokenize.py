@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 
 from datasets import Dataset, Features, List, Value
 from transformers import PreTrainedTokenizerBase
@@ -57,17 +58,30 @@ def tokenize_rows(
             TRUNCATED: [len(x) > max_seq_len for x in ids],
         }
 
+    return map_batches(rows, tokenize_batch, FEATURES, cache_file, num_proc, "Tokenising")
+
+
+def map_batches(
+    rows: Dataset,
+    tokenize_batch: Callable[[dict[str, list]], dict[str, list]],
+    features: Features,
+    cache_file: str,
+    num_proc: int,
+    desc: str,
+) -> Dataset:
+    """`rows` replaced by `tokenize_batch`'s columns, written to `cache_file` (never reused:
+    the data cache above decides what is rebuilt)."""
     if len(rows) == 0:  # map() on no rows cannot infer the new columns
-        return Dataset.from_dict({name: [] for name in FEATURES}, features=FEATURES)
+        return Dataset.from_dict({name: [] for name in features}, features=features)
     return rows.map(
         tokenize_batch,
         batched=True,
         remove_columns=rows.column_names,
-        features=FEATURES,
+        features=features,
         num_proc=pick_num_proc(len(rows), num_proc),
         cache_file_name=cache_file,
         load_from_cache_file=False,
-        desc="Tokenising",
+        desc=desc,
     )
 
 
