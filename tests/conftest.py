@@ -6,6 +6,7 @@ import os
 import socket
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -61,3 +62,17 @@ def one_rank_group(monkeypatch):
     from utils.distributed import init_distributed
 
     return init_distributed()
+
+
+class EngineStub(torch.nn.Module):
+    """The parts of a DeepSpeed engine verification uses: forward and `.module`."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = model
+
+    def forward(self, **inputs):
+        return self.module(**inputs)
+
+    def zero_optimization_stage(self) -> int:
+        return 0

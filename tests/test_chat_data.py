@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import CORPUS
+from tests.test_chat_template import DROPS_REASONING
 from utils.cli.parse import parse_args
 from utils.cli.summary import build_summary, data_warnings
 from utils.data.build import build_sft_data
@@ -23,16 +24,6 @@ from utils.engine.ds_config import EngineSetup
 from utils.model.loss import PLAIN_FP32
 
 CHATML = str(TEMPLATE_PATH)
-# Like Qwen3: an earlier assistant turn loses its <think> reasoning once a later turn exists,
-# so its render cannot be split turn by turn.
-DROPS_REASONING = """\
-{%- for message in messages %}
-{%- set content = message['content'] %}
-{%- if message['role'] == 'assistant' and not loop.last %}{% set content = content.split('</think>')[-1] %}{% endif %}
-{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' }}
-{%- endfor %}
-{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}
-"""
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ from checkpoint_runs import (
     write_data,
 )
 
+from tests.conftest import EngineStub
 from utils.cli.parse import parse_args
 from utils.data.config import BatchConfig
 from utils.distributed import DistInfo
@@ -423,20 +424,6 @@ def test_sigusr1_and_sigterm_request_a_checkpoint_and_stop():
         preemption._requested.clear()
 
 
-class Engine(torch.nn.Module):
-    """The parts of a DeepSpeed engine verification uses: forward and `.module`."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.module = model
-
-    def forward(self, **inputs):
-        return self.module(**inputs)
-
-    def zero_optimization_stage(self) -> int:
-        return 0
-
-
 def test_a_saved_folder_that_does_not_reproduce_the_model_is_an_error(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
@@ -451,7 +438,7 @@ def test_a_saved_folder_that_does_not_reproduce_the_model_is_an_error(tmp_path, 
         }
     ]
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    verify_saved_model(Engine(model), str(tiny_model_dir), eval_batches, dist, False)
+    verify_saved_model(EngineStub(model), str(tiny_model_dir), eval_batches, dist, False)
 
     with torch.no_grad():  # what an ungathered ZeRO-3 save looks like: empty weights
         for param in model.parameters():
@@ -459,4 +446,4 @@ def test_a_saved_folder_that_does_not_reproduce_the_model_is_an_error(tmp_path, 
     model.save_pretrained(tmp_path)
     trained = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with pytest.raises(SavedModelMismatch, match="does not reproduce the trained model"):
-        verify_saved_model(Engine(trained), str(tmp_path), eval_batches, dist, False)
+        verify_saved_model(EngineStub(trained), str(tmp_path), eval_batches, dist, False)

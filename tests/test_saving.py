@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM
 import main as cli
 import utils.model.save as save_module
 import utils.model.verify as verify_module
+from tests.conftest import EngineStub
 from utils.distributed import DistInfo
 from utils.engine.checkpoint import Checkpointer
 from utils.engine.config import CheckpointConfig
@@ -219,20 +220,6 @@ def test_published_files_follow_the_umask(
     assert stat.S_IMODE(os.stat(out / "lora_adapter").st_mode) == dir_mode
 
 
-class Engine(torch.nn.Module):
-    """The parts of a DeepSpeed engine verification uses."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.module = model
-
-    def forward(self, **inputs):
-        return self.module(**inputs)
-
-    def zero_optimization_stage(self) -> int:
-        return 0
-
-
 EVAL = [{"input_ids": torch.tensor([[2, 40, 41, 42]]), "attention_mask": torch.ones(1, 4).long()}]
 
 
@@ -242,7 +229,7 @@ def test_a_tensor_corrupted_after_the_save_is_caught_tensor_by_tensor(
     model = tiny(tiny_model_dir, shift=0.5)
     out = tmp_path / "out"
     save_hf_model(model, tiny_tokenizer, str(out), zero_stage=0)
-    verify_module.verify_saved_model(Engine(model), str(out), EVAL, CPU, False)
+    verify_module.verify_saved_model(EngineStub(model), str(out), EVAL, CPU, False)
     assert "and from_pretrained reproduces the trained model's logits" in capsys.readouterr().out
 
     # A position the eval rows never reach: the logits cannot see it, the tensors do.
@@ -259,10 +246,10 @@ def test_a_tensor_corrupted_after_the_save_is_caught_tensor_by_tensor(
     monkeypatch.setattr(verify_module, "RELOAD_MAX_BYTES", 0)
     monkeypatch.setattr(verify_module, "AutoModelForCausalLM", None)  # any reload would fail
     with pytest.raises(verify_module.SavedModelMismatch) as caught:
-        verify_module.verify_saved_model(Engine(model), str(out), EVAL, CPU, False)
+        verify_module.verify_saved_model(EngineStub(model), str(out), EVAL, CPU, False)
     assert "model.decoder.embed_positions.weight differs by up to 1" in str(caught.value)
 
     save_hf_model(model, tiny_tokenizer, str(out), zero_stage=0)  # a good copy passes
-    verify_module.verify_saved_model(Engine(model), str(out), EVAL, CPU, False)
+    verify_module.verify_saved_model(EngineStub(model), str(out), EVAL, CPU, False)
     printed = capsys.readouterr().out
     assert "tensors equal the trained ones (the logits check reloads models under" in printed

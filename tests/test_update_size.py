@@ -16,8 +16,6 @@ GPU the tool's FusedAdam gets FP16_Optimizer, which scales the same way.
 
 from __future__ import annotations
 
-import socket
-
 import deepspeed
 import pytest
 import torch
@@ -35,23 +33,6 @@ ROWS = build_rows()
 BATCH = collate(ROWS, pad_token_id=PAD, loss_on="all")
 # Loose enough for a 16-bit forward pass, tight enough to catch any wrong scale factor.
 TOLERANCE = {"fp32": 1e-4, "bf16": 0.01, "fp16": 0.01}  # measured: 1e-6, 2e-4, 5e-5
-
-
-@pytest.fixture(scope="module")
-def one_rank_group():
-    """A one-rank group for in-process engines (reused if another test already made one);
-    the launcher variables are restored afterwards."""
-    with pytest.MonkeyPatch.context() as mp:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
-            mp.setenv(key, value)
-        mp.setenv("MASTER_ADDR", "127.0.0.1")
-        mp.setenv("MASTER_PORT", str(port))
-        from utils.distributed import init_distributed
-
-        yield init_distributed()
 
 
 def step_loss(model) -> torch.Tensor:
