@@ -1,4 +1,4 @@
-"""Liger-Kernel counts as present only where it imports, once per process, and
+"""flash-attn and Liger-Kernel count as present only where they import, once per process, and
 Liger's fused loss is not used at ZeRO-3 (it would hold a whole weight-sized gradient)."""
 
 from __future__ import annotations
@@ -8,9 +8,12 @@ import sys
 import pytest
 
 from utils.demo.tiny import build_opt_model
+from utils.model.attention import flash_attention_problems, flash_attn_error, resolve_attention
 from utils.model.chunked_loss import loss_kernel
 from utils.model.kernels import LIGER_LOSS, import_error
 from utils.model.loss import choose_loss_path
+
+BROKEN = "raise OSError('libcudart.so.11.0: cannot open shared object file')\n"
 
 
 @pytest.fixture
@@ -33,6 +36,25 @@ def fake_packages(tmp_path, monkeypatch):
     import_error.cache_clear()
     for name in set(sys.modules) - known:
         del sys.modules[name]
+
+
+def test_a_flash_attn_that_does_not_import_is_not_used(fake_packages, tmp_path):
+    runs = tmp_path / "imported"
+    fake_packages("flash_attn", f"open({str(runs)!r}, 'a').write('x')\n{BROKEN}")
+    error = flash_attn_error()
+    assert error == "OSError: libcudart.so.11.0: cannot open shared object file"
+    assert flash_attn_error() == error and runs.read_text() == "x"  # imported once, not twice
+    gpu = {"packing": True, "on_cuda": True, "dtype": "bf16", "attention_dropout": 0.0}
+    attention, why = resolve_attention("auto", model_type="opt", flash_error=error, **gpu)
+    assert attention == "flex_attention" and "libcudart" in why
+    [problem] = flash_attention_problems("flash_attention_2", on_cuda=True, flash_error=error)
+    assert "built for this torch" in problem and "libcudart" in problem
+
+
+def test_a_flash_attn_that_imports_is_used(fake_packages):
+    fake_packages("flash_attn")
+    assert flash_attn_error() is None
+    assert flash_attention_problems("flash_attention_2", on_cuda=True, flash_error=None) == []
 
 
 def test_liger_only_on_cuda_where_it_imports_and_never_at_zero3(fake_packages, tiny_tokenizer):
