@@ -27,6 +27,7 @@ from utils.data.chat import ChatTemplate, load_chat_template
 from utils.data.common import SFTData
 from utils.data.labels import check_trained_tokens
 from utils.data.loaders import build_eval_loader, build_train_loader
+from utils.data.packing import pack_layout
 from utils.distributed import (
     DistInfo,
     init_distributed,
@@ -43,7 +44,6 @@ from utils.engine.precision import TORCH_DTYPES
 from utils.engine.preemption import PREEMPTED_EXIT
 from utils.engine.run_settings import run_settings
 from utils.errors import UserError
-from utils.model.attention import uses_flat_packs
 from utils.model.load import build_model, count_parameters, load_tokenizer
 from utils.model.lora import apply_lora
 from utils.model.loss import LossPath, choose_loss_path
@@ -109,7 +109,7 @@ def build_loaders(cfg: Config, data: SFTData, tokenizer, dist: DistInfo, setup: 
         max_seq_len=cfg.data.max_seq_len,
         seed=cfg.data.seed,
         mask_dtype=TORCH_DTYPES[setup.dtype],
-        flat_packs=uses_flat_packs(cfg.batch.packing, setup.attention),
+        pack_layout=pack_layout(setup.attention),
         on_gpu=dist.device.type == "cuda",
         **geometry,
     )

@@ -46,7 +46,7 @@ from utils.data.config import BatchConfig
 from utils.data.loaders import build_train_loader
 from utils.distributed import init_distributed
 from utils.engine.precision import TORCH_DTYPES
-from utils.model.attention import FLASH_ATTENTION, flash_attn_installed
+from utils.model.attention import FLASH_ATTENTION, flash_attn_error
 from utils.model.loss import choose_loss_path, count_trained, prepare_batch, summed_nll
 from utils.observe.throughput import build_flop_shape, lookup_peak_tflops
 
@@ -116,7 +116,7 @@ def run_one(name: str, args, dataset, device: torch.device, dtype: str) -> dict 
     """`args.steps` timed optimizer steps (after one warm-up step) of one batching mode."""
     config = model_config(args.tiny)
     on_cuda = device.type == "cuda"
-    if name == "varlen" and not (on_cuda and dtype != "fp32" and flash_attn_installed()):
+    if name == "varlen" and not (on_cuda and dtype != "fp32" and flash_attn_error() is None):
         return None  # FlashAttention-2 runs on CUDA GPUs in 16 bits only
     torch.manual_seed(args.seed)
     with device:
@@ -142,7 +142,7 @@ def run_one(name: str, args, dataset, device: torch.device, dtype: str) -> dict 
     loader = build_train_loader(
         dataset, batch_cfg, micro_batch=8, max_seq_len=args.max_seq_len, pad_token_id=PAD,
         seed=args.seed, rank=0, world_size=1, mask_dtype=TORCH_DTYPES[dtype],
-        flat_packs=name == "varlen", on_gpu=on_cuda,
+        pack_layout="flat" if name == "varlen" else "mask", on_gpu=on_cuda,
     )  # fmt: skip
     loss = choose_loss_path(
         model, "on" if name == "chunked" else "off", zero_stage=2,

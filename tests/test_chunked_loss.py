@@ -20,7 +20,6 @@ from utils.model.chunked_loss import (
     chunked_loss_problem,
     chunked_nll,
     forward_chunked_nll,
-    loss_kernel,
     supports_chunked_loss,
 )
 from utils.model.loss import token_nll
@@ -199,12 +198,6 @@ def test_models_whose_logits_are_not_the_heads_output_fall_back():
     model.lm_head = torch.nn.Sequential(model.lm_head)
     assert "Sequential" in chunked_loss_problem(model)
     assert not supports_chunked_loss(model)
-
-
-def test_liger_kernel_only_on_cuda_when_installed():
-    assert loss_kernel("cuda", liger_importable=True) == "liger"
-    assert loss_kernel("cuda", liger_importable=False) == "torch"
-    assert loss_kernel("cpu", liger_importable=True) == "torch"
 
 
 @pytest.mark.slow

@@ -126,8 +126,9 @@ def test_refuses_models_and_attention_that_cannot_isolate_examples():
     assert "--packing" in unknown and "opt" in unknown
     # FlashAttention-2 takes per-example boundaries instead of a mask (collate_flat).
     assert packing_problems("llama", "flash_attention_2") == []
-    [flex] = packing_problems("llama", "flex_attention")
-    assert "flex_attention" in flex and "--attn_implementation sdpa" in flex
+    assert packing_problems("llama", "flex_attention") == []  # a block mask from positions
+    [no_flex] = packing_problems("gpt2", "flex_attention")  # GPT-2 has no flex_attention
+    assert "'flex_attention'" in no_flex and "--attn_implementation sdpa" in no_flex
     assert set(PACKING_SUPPORT) >= {"opt", "llama", "gpt2"}
 
 
@@ -191,7 +192,7 @@ def test_flat_packing_loader_puts_a_micro_batch_in_one_row():
         rank=0,
         world_size=1,
         mask_dtype=torch.float32,
-        flat_packs=True,
+        pack_layout="flat",
     )
     batches = list(loader)
     assert all(b["input_ids"].shape[0] == 1 and "attention_mask" not in b for b in batches)

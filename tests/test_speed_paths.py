@@ -18,6 +18,7 @@ from utils.cli.validate import validate
 from utils.data.common import SFTData, SourceStats
 from utils.data.config import BatchConfig
 from utils.data.loaders import build_eval_loader, build_train_loader
+from utils.data.packing import pack_layout
 from utils.demo.tiny import build_opt_model
 from utils.engine.accumulation import StepPlan
 from utils.engine.checkpoint import build_checkpointer
@@ -25,7 +26,7 @@ from utils.engine.config import CheckpointConfig, TrainConfig
 from utils.engine.ds_config import EngineSetup, build_ds_config
 from utils.engine.loop import TrainLoop, train
 from utils.errors import ConfigError, UserError
-from utils.model.attention import resolve_attention, uses_flat_packs
+from utils.model.attention import resolve_attention
 from utils.model.chunked_loss import default_chunk_tokens
 from utils.model.config import LoraConfig
 from utils.model.load import build_model as build_causal_lm
@@ -138,17 +139,16 @@ def test_cpu_bf16_at_zero0_trains_through_autocast_and_the_summary_says_why(tiny
 
 
 def test_attention_auto_is_sdpa_on_a_cpu_and_flash_only_for_gpu_packing(tiny_model_dir):
-    auto = {"model_type": "opt", "dtype": "bf16", "flash_installed": True}
+    auto = {"model_type": "opt", "dtype": "bf16", "attention_dropout": 0.0, "flash_error": None}
     assert resolve_attention("auto", packing=True, on_cuda=True, **auto)[0] == "flash_attention_2"
     assert resolve_attention("auto", packing=False, on_cuda=True, **auto)[0] is None
     assert resolve_attention("auto", packing=True, on_cuda=False, **auto)[0] is None
-    no_flash = {**auto, "flash_installed": False}
-    assert resolve_attention("auto", packing=True, on_cuda=True, **no_flash)[0] is None
+    no_flash = {**auto, "flash_error": "ModuleNotFoundError: No module named 'flash_attn'"}
+    assert resolve_attention("auto", packing=True, on_cuda=True, **no_flash)[0] == "flex_attention"
     fp32 = {**auto, "dtype": "fp32"}
-    assert resolve_attention("auto", packing=True, on_cuda=True, **fp32)[0] is None
+    assert resolve_attention("auto", packing=True, on_cuda=True, **fp32)[0] == "flex_attention"
     assert resolve_attention("eager", packing=True, on_cuda=True, **auto)[0] == "eager"
-    assert uses_flat_packs(True, "flash_attention_2") and not uses_flat_packs(True, "sdpa")
-    assert not uses_flat_packs(False, "flash_attention_2")
+    assert pack_layout("flash_attention_2") == "flat" and pack_layout("sdpa") == "mask"
 
     cfg = parse_args(["--model_name_or_path", str(tiny_model_dir), "--packing", "--dry_run"])
     setup = validate(cfg)  # on this CPU

@@ -29,7 +29,8 @@ from utils.errors import ConfigError, UserError, format_problems
 from utils.model.attention import (
     attention_dtype_problems,
     flash_attention_problems,
-    flash_attn_installed,
+    flash_attn_error,
+    flex_attention_problems,
     resolve_attention,
 )
 from utils.model.chunked_loss import chunked_loss_config_problem
@@ -78,19 +79,20 @@ def _resolve_attention(
 ) -> tuple[EngineSetup, list[str]]:
     """The setup with the attention implementation the run will use (it depends on the
     precision the merged config trains in), and why that one cannot run, if so."""
-    model_type = load_model_config(cfg.model).model_type
-    flash = flash_attn_installed()
+    config = load_model_config(cfg.model)
     attention, why = resolve_attention(
         cfg.model.attn_implementation,
-        model_type=model_type,
+        model_type=config.model_type,
         packing=cfg.batch.packing,
         on_cuda=on_cuda,
         dtype=setup.dtype,
-        flash_installed=flash,
+        attention_dropout=getattr(config, "attention_dropout", 0.0),
+        flash_error=flash_attn_error(),
     )
     problems = attention_dtype_problems(attention, setup.dtype)
+    problems += flex_attention_problems(attention, on_cuda=on_cuda, config=config)
     if cfg.batch.packing:
-        problems += packing_problems(model_type, attention)
+        problems += packing_problems(config.model_type, attention)
     return replace(setup, attention=attention, attention_reason=why), problems
 
 
@@ -125,7 +127,7 @@ def flag_problems(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]
     problems += check_data_config(cfg.data)
     problems += _dtype_problems(e.dtype, on_cuda, bf16_supported)
     problems += flash_attention_problems(
-        cfg.model.attn_implementation, on_cuda=on_cuda, flash_installed=flash_attn_installed()
+        cfg.model.attn_implementation, on_cuda=on_cuda, flash_error=flash_attn_error()
     )
     if e.deepspeed_config and not os.path.isfile(e.deepspeed_config):
         problems.append(f"--deepspeed_config {e.deepspeed_config!r} does not exist.")

@@ -65,17 +65,17 @@ def build_train_loader(
     rank: int,
     world_size: int,
     mask_dtype: torch.dtype,
-    flat_packs: bool = False,
+    pack_layout: str = "mask",
     on_gpu: bool = False,
 ) -> DataLoader:
     """Micro-batches for this rank; `loader.sampler.set_epoch(e)` gives a new order per epoch.
 
     Default: length-grouped batches padded to their longest example. `pad_to_max_len`:
     random batches padded to max_seq_len. `packing`: rows of several examples, packed once
-    (best fit), in a new random order every epoch; their additive attention masks are in
-    `mask_dtype`, the model's compute dtype; `flat_packs`: a micro-batch's packs in one row
-    without mask or padding, for attention that takes per-example boundaries
-    (`collate_flat`). `len(loader.sampler)` is the number of micro-batches an epoch trains
+    (best fit), in a new random order every epoch, laid out as `pack_layout` says
+    (utils/data/packing.py): "mask", additive attention masks in `mask_dtype`, the model's
+    compute dtype; "positions", restarting position ids and no mask; "flat", a micro-batch's
+    packs in one row with per-example boundaries. `len(loader.sampler)` is the number of micro-batches an epoch trains
     (packs, not rows, under packing). `on_gpu`: collate in worker processes into pinned
     memory, so batches are ready and copy asynchronously (on a CPU, workers would only
     compete with training for the cores).
@@ -85,14 +85,14 @@ def build_train_loader(
     if batch.packing:
         packs = pack_rows(lengths, max_seq_len)
         lengths = [sum(lengths[i] for i in pack) for pack in packs]
-        if flat_packs:
+        if pack_layout == "flat":
             collate_fn = partial(collate_flat, loss_on=batch.loss_on)
         else:
             collate_fn = partial(
                 collate_packed,
                 pad_token_id=pad_token_id,
                 loss_on=batch.loss_on,
-                mask_dtype=mask_dtype,
+                mask_dtype=mask_dtype if pack_layout == "mask" else None,
             )
     else:
         pad_to = max_seq_len if batch.pad_to_max_len else None

@@ -1,16 +1,22 @@
 """Sequence packing: several examples per row, each attending only to itself.
 
-A packed row concatenates examples; a 4D additive block-diagonal causal mask keeps
-attention inside each example and position ids restart at 0 for each, so every example
-gets exactly the logits it would get alone. Restarting position ids alone is not enough
-(attention would still cross examples), so packing is allowed only for the model types
-and attention implementations below, which were checked to take such a mask as-is
-(tests/test_packing.py compares packed and separate logits).
+A packed row concatenates examples; position ids restart at 0 for each, and something must
+keep attention inside each example (restarting position ids alone do not), so every example
+gets exactly the logits it would get alone. Three ways, one per kind of attention kernel
+(`pack_layout` decides which, from the attention implementation the run resolved):
 
-Attention kernels that take per-example boundaries (FlashAttention-2's variable-length
-path) need no mask and no padding at all: `collate_flat` concatenates a micro-batch's packs
-into one row and passes the boundaries (`cu_seq_lens_*`, as transformers'
-DataCollatorWithFlattening does), so attention memory stays linear in the packed length.
+- "mask": a 4D additive block-diagonal causal mask (`collate_packed`), which sdpa and eager
+  take as-is; every score is computed, then masked; memory quadratic in the row length.
+- "positions": the same rows without a mask (`collate_packed` with no mask dtype); for
+  flex_attention the model builds a block mask from the restarting position ids
+  (utils/model/document_mask.py) and skips the blocks between examples.
+- "flat": a micro-batch's packs concatenated into one row without padding (`collate_flat`),
+  with the boundaries (`cu_seq_lens_*`, as transformers' DataCollatorWithFlattening passes
+  them) for FlashAttention-2's variable-length path; attention memory linear in the length.
+
+Packing is allowed only for the model types and attention implementations below, checked to
+isolate examples (tests/test_packing.py and tests/test_flex_packing.py compare packed and
+separate logits).
 """
 
 from __future__ import annotations
@@ -24,16 +30,30 @@ from utils.data.collate import PAD_MULTIPLE
 from utils.data.common import IGNORE_INDEX
 from utils.data.labels import build_labels
 
-# Model types whose transformers code passes a prepared 4D mask through unchanged and
-# takes position_ids, with the attention implementations verified for each (flash
-# attention takes no 4D mask, so it is refused).
+MASK_ATTENTION = ("eager", "sdpa")  # take the 4D mask
+FLEX_ATTENTION = "flex_attention"  # takes the block mask built from position ids
+# Model types whose transformers code passes a prepared 4D mask (a tensor or FlexAttention's
+# BlockMask) through unchanged and takes position_ids, with the attention implementations
+# verified for each. GPT-2 has no flex_attention in transformers.
 PACKING_SUPPORT = {
-    model_type: ("eager", "sdpa") for model_type in ("opt", "llama", "mistral", "qwen2", "gpt2")
+    "opt": (*MASK_ATTENTION, FLEX_ATTENTION),
+    "llama": (*MASK_ATTENTION, FLEX_ATTENTION),
+    "mistral": (*MASK_ATTENTION, FLEX_ATTENTION),
+    "qwen2": (*MASK_ATTENTION, FLEX_ATTENTION),
+    "gpt2": MASK_ATTENTION,
 }
 # Attention implementations that take per-example boundaries from `collate_flat`'s
 # cu_seq_lens_* (transformers passes them to flash_attn_varlen_func), for the same model
 # types, whose layers forward these keyword arguments to the attention function.
 VARLEN_ATTENTION = ("flash_attention_2",)
+
+
+def pack_layout(attention: str | None) -> str:
+    """How packed rows reach a model running `attention` (None: transformers' default, sdpa
+    or eager): "flat", "positions" or "mask" (see the module's docstring)."""
+    if attention in VARLEN_ATTENTION:
+        return "flat"
+    return "positions" if attention == FLEX_ATTENTION else "mask"
 
 
 def packing_problems(model_type: str, attn_implementation: str | None) -> list[str]:
@@ -51,9 +71,9 @@ def packing_problems(model_type: str, attn_implementation: str | None) -> list[s
     allowed = supported + VARLEN_ATTENTION
     if attn_implementation is not None and attn_implementation not in allowed:
         return [
-            f"--packing needs attention that takes a 4D mask ({', '.join(supported)}) or "
-            f"per-example boundaries ({', '.join(VARLEN_ATTENTION)}); this model uses "
-            f"{attn_implementation!r}. Pass --attn_implementation sdpa, or drop --packing."
+            f"--packing with model type {model_type!r} needs attention that keeps examples "
+            f"apart ({', '.join(allowed)}); this run uses {attn_implementation!r}. Pass "
+            "--attn_implementation sdpa, or drop --packing."
         ]
     return []
 
@@ -81,13 +101,14 @@ def pack_rows(lengths: list[int], max_len: int) -> list[list[int]]:
 
 
 def collate_packed(
-    packs: list[list[dict]], *, pad_token_id: int, loss_on: str, mask_dtype: torch.dtype
+    packs: list[list[dict]], *, pad_token_id: int, loss_on: str, mask_dtype: torch.dtype | None
 ) -> dict[str, torch.Tensor]:
     """Packs (lists of rows) into one batch, padded to the longest pack.
 
     attention_mask: [B, 1, T, T] additive (0 where a token may attend, the dtype's minimum
-    elsewhere), in the model's compute dtype so every attention kernel accepts it. The pad
-    tail forms its own block, so no query row is fully masked.
+    elsewhere), in the model's compute dtype so every attention kernel accepts it; none when
+    `mask_dtype` is None (the "positions" layout). The pad tail forms its own block (its
+    position ids restart at 0), so no query row is fully masked.
     """
     longest = max(sum(len(r["input_ids"]) for r in pack) for pack in packs)
     width = round_up(longest, PAD_MULTIPLE)
@@ -113,17 +134,19 @@ def collate_packed(
             start = end
         position_ids[b, start:] = torch.arange(width - start)
         segment[b, start:] = len(pack)
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
-    allowed = (segment[:, :, None] == segment[:, None, :]) & causal  # [B, T, T]
-    mask = torch.zeros((batch, 1, width, width), dtype=mask_dtype)
-    mask.masked_fill_(~allowed[:, None], torch.finfo(mask_dtype).min)
-    return {
+    packed = {
         "input_ids": input_ids,
-        "attention_mask": mask,
         "position_ids": position_ids,
         "labels": labels,
         "seq_lens": torch.tensor(seq_lens, dtype=torch.long),
     }
+    if mask_dtype is not None:
+        causal = torch.ones((width, width), dtype=torch.bool).tril()
+        allowed = (segment[:, :, None] == segment[:, None, :]) & causal  # [B, T, T]
+        mask = torch.zeros((batch, 1, width, width), dtype=mask_dtype)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(mask_dtype).min)
+        packed["attention_mask"] = mask
+    return packed
 
 
 def collate_flat(packs: list[list[dict]], *, loss_on: str) -> dict:

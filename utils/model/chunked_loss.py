@@ -21,12 +21,11 @@ the engine's output, so the engine's backward prologue runs before any gradient 
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
 from utils.data.common import IGNORE_INDEX
+from utils.model.kernels import LIGER_LOSS, import_error
 
 # Causal-LM classes whose forward computes `logits = <output embeddings>(final hidden states)`
 # and nothing more (checked in transformers' modeling code). Gemma-2 (final soft-capping),
@@ -91,12 +90,16 @@ def chunked_loss_mode(zero_stage: int) -> str:
     return "recompute" if zero_stage == 3 else "fused"
 
 
-def loss_kernel(device_type: str, liger_importable: bool | None = None) -> str:
-    """Which kernel computes the chunked loss: Liger-Kernel's fused linear cross-entropy
-    (Triton) on CUDA when it is installed, else this module's chunks (CPU and GPU)."""
-    if liger_importable is None:
-        liger_importable = importlib.util.find_spec("liger_kernel") is not None
-    return "liger" if device_type == "cuda" and liger_importable else "torch"
+def loss_kernel(device_type: str, mode: str) -> tuple[str, str]:
+    """Which kernel computes the chunked loss, and why not Liger where it could have:
+    Liger-Kernel's fused linear cross-entropy (Triton) on CUDA where it imports, in the fused
+    mode only (it computes the gradients in the forward pass, so at ZeRO-3 it would hold the
+    whole weight-sized gradient until the backward); else this module's chunks."""
+    if device_type != "cuda" or import_error(LIGER_LOSS) is not None:
+        return "torch", ""
+    if mode != "fused":
+        return "torch", "Liger-Kernel unused: it keeps a weight-sized gradient until the backward"
+    return "liger", ""
 
 
 def loss_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -128,6 +131,8 @@ def chunked_nll(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    if kernel == "liger" and mode != "fused":
+        raise ValueError("the Liger kernel computes the gradients in the forward: mode 'fused'")
     if positions is None:
         positions = loss_positions(labels)
     shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, T]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from utils.flags import flag
 
 CHUNKED_LOSS = ("auto", "on", "off")
-ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
 
 
 @dataclass(kw_only=True)
@@ -44,8 +44,9 @@ class ModelConfig:
     )
     attn_implementation: str = flag(
         "auto",
-        "Attention kernel. 'auto': transformers' default (sdpa), or flash_attention_2 for "
-        "--packing on a GPU where flash-attn is installed (packs without padding or mask).",
+        "Attention kernel. 'auto': transformers' default (sdpa), except for --packing on a "
+        "GPU: flash_attention_2 in 16 bits where flash-attn imports (packs without padding or "
+        "mask), else flex_attention (skips the blocks between packed examples).",
         choices=ATTENTION,
     )
     compile: bool = flag(

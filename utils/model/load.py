@@ -21,9 +21,11 @@ from transformers import (
 )
 
 from utils.arithmetic import round_up
+from utils.data.packing import FLEX_ATTENTION
 from utils.distributed import warn_rank_0
 from utils.errors import UserError
 from utils.model.config import ModelConfig
+from utils.model.document_mask import mask_documents
 
 # Config attributes that hold a dropout probability, across the decoder families we support.
 DROPOUT_KEYS = (
@@ -112,7 +114,8 @@ def build_model(
 
     `on_meta` builds the architecture without allocating or reading weights (dry runs).
     `attention`: the attention implementation validation resolved (None: transformers'
-    default, sdpa where the model has it).
+    default, sdpa where the model has it); under flex_attention a packed batch's examples
+    are kept apart by a block mask built from its position ids (`mask_documents`).
     """
     config = load_model_config(cfg)
     if on_meta:
@@ -135,6 +138,8 @@ def build_model(
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     model.config.use_cache = False
+    if attention == FLEX_ATTENTION:
+        mask_documents(model)
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing keeps gradients flowing to adapters even when
         # every base weight (and so every checkpointed input) is frozen.

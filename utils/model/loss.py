@@ -84,11 +84,14 @@ def choose_loss_path(
             )
         return LossPath(chunked=False, fp32=fp32, reason=f"fallback: {problem}")
     mode = chunked_loss_mode(zero_stage)
+    kernel, no_liger = loss_kernel(device_type, mode)
     why = (
         "gradients computed in the forward pass"
         if mode == "fused"
         else "ZeRO-3: logits recomputed in the backward pass, no unpartitioned weight gradient"
     )
+    if no_liger:
+        why += f"; {no_liger}"
     head = causal_lm(model).get_output_embeddings()
     return LossPath(
         chunked=True,
@@ -96,7 +99,7 @@ def choose_loss_path(
         reason=f"--chunked_loss {setting}; never holds [batch, seq, vocab] logits ({why})",
         chunk_tokens=default_chunk_tokens(head.out_features),
         mode=mode,
-        kernel=loss_kernel(device_type),
+        kernel=kernel,
     )
 
 
