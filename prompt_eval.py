@@ -36,6 +36,8 @@ from utils.evaluate.report import build_report, format_console, save_report
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     validate(cfg)
+    if cfg.recipe.config:
+        print("recipe " + "\n  ".join(cfg.recipe.config.describe()), file=sys.stderr)
     source = cfg.prompts
     prompts = read_prompts(source.prompts) if source.prompts else QUESTIONS[source.language]
     tokenizers = load_tokenizers(cfg)

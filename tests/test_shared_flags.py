@@ -17,7 +17,7 @@ def flags(parser) -> dict:
 
 def test_a_flag_both_commands_take_has_one_default_type_choices_and_help():
     main, evaluate = flags(build_main_parser()), flags(build_eval_parser())
-    shared = (set(main) & set(evaluate)) - OWN_DEFAULT
+    shared = (set(main) & set(evaluate)) - OWN_DEFAULT - {"config"}
     assert shared >= {"eot_token", "add_eot_token", "seed", "max_seq_len", "loss_on"}
     assert shared >= {"system_prompt", "data_output_path", "trust_remote_code"}
     for name in shared:
@@ -36,6 +36,7 @@ def test_prompt_eval_keeps_its_flags_and_defaults():
     # --data_output_path is main.py's per-user cache (checked above).
     defaults = {name: a.default for name, a in evaluate.items() if name != "data_output_path"}
     assert defaults == {
+        "config": None,
         "model_name_or_path_baseline": None,
         "model_name_or_path_finetune": None,
         "eot_token": "<|endoftext|>",

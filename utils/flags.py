@@ -5,7 +5,8 @@ dataclass fields made by `flag()`, with the default and the help text side by si
 commands' parsers are built here from a tree of such dataclasses (`build_parser`): each flag
 field becomes `--<field name>` with its type, default, choices and help, and each field whose
 type is a dataclass is a group of flags. So a flag exists in exactly one place; a setting both
-commands take is declared by one and borrowed by the other with `shared_flag()`.
+commands take is declared by one and borrowed by the other with `shared_flag()`. Both also
+take --config, a recipe file that fills the same fields (utils/recipe.py).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import argparse
 import dataclasses
 import types
 import typing
-from dataclasses import MISSING, Field, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
+
+from utils.recipe import Recipe, add_config_argument, read_recipe
 
 
 def flag(
@@ -46,6 +49,13 @@ def declared_elsewhere(default: Any, by: str) -> Any:
     return field(default=default, metadata={"declared_by": by})
 
 
+@dataclass(kw_only=True)
+class RecipeSettings:
+    """Where values came from besides the command line (the run summary says it)."""
+
+    config: Recipe | None = declared_elsewhere(None, by="utils/recipe.py")
+
+
 NOT_GIVEN = object()  # stands in for a flag the command line did not give
 
 
@@ -58,6 +68,7 @@ def build_parser(
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+    add_config_argument(parser)
     add_flags(parser, settings, titles or {})
     return parser
 
@@ -77,13 +88,20 @@ def add_flags(parser, settings: type, titles: dict[str, str]) -> None:
 def parse_settings(
     settings: type, parser: argparse.ArgumentParser, argv: list[str] | None
 ) -> tuple[Any, set[str]]:
-    """`argv` as a `settings` object, and the names of the flags the user gave."""
+    """`argv` (and the recipe its --config names) as a `settings` object, and the names of
+    the flags the user gave (on the command line or in the recipe)."""
     argv = list(argv) if argv is not None else None
+    recipe = read_recipe(parser, argv)
     namespace = argparse.Namespace(**{a.dest: NOT_GIVEN for a in parser._actions})
     parsed = vars(parser.parse_args(argv, namespace))
     given = {name for name, value in parsed.items() if value is not NOT_GIVEN}
     values = {a.dest: parsed[a.dest] if a.dest in given else a.default for a in parser._actions}
-    return fill(settings, values), given
+    if recipe is not None:  # what the file set and the command line kept
+        recipe = dataclasses.replace(
+            recipe, values={k: v for k, v in recipe.values.items() if k not in given}
+        )
+        given |= set(recipe.values)
+    return fill(settings, {**values, "config": recipe}), given - {"config"}
 
 
 def fill(settings: type, values: dict[str, Any]) -> Any:

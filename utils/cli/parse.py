@@ -2,7 +2,7 @@
 
 Every field made by `utils.flags.flag()` becomes `--<field name>`, in an argument group per
 settings group (utils.flags.build_parser). Flag names and defaults are DeepSpeed-Chat step
-1's, so its launch scripts keep working.
+1's, so its launch scripts keep working; --config reads the same flags from a recipe file.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ from utils.errors import ConfigError, format_problems
 from utils.evaluate.generation import HUB_DECODINGS, MODE_FLAGS, DecodingConfig, check_model_path
 from utils.evaluate.prompts import PROMPT_SETS
 from utils.evaluate.report import REPORT_FORMATS
+from utils.flags import RecipeSettings, flag, parse_settings, shared_flag
 from utils.flags import build_parser as build_settings_parser
-from utils.flags import flag, parse_settings, shared_flag
 from utils.model.config import ModelConfig
 
 ROLES = {"baseline": "--model_name_or_path_baseline", "finetune": "--model_name_or_path_finetune"}
@@ -96,7 +96,8 @@ class PromptEvalConfig:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     output: str | None = flag(None, "Also write the comparison to this file: .md (table) or .json.")
-    # Mode-only decoding flags given on the command line that the
+    recipe: RecipeSettings = field(default_factory=RecipeSettings)
+    # Mode-only decoding flags given (on the command line or in the recipe) that the
     # chosen --decoding does not read: validation reports them.
     ignored_flags: list[str] = field(default_factory=list)
 
