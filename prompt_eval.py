@@ -36,13 +36,16 @@ from utils.evaluate.report import build_report, format_console, save_report
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     validate(cfg)
-    prompts = read_prompts(cfg.prompts_path) if cfg.prompts_path else QUESTIONS[cfg.language]
+    if cfg.recipe.config:
+        print("recipe " + "\n  ".join(cfg.recipe.config.describe()), file=sys.stderr)
+    source = cfg.prompts
+    prompts = read_prompts(source.prompts) if source.prompts else QUESTIONS[source.language]
     tokenizers = load_tokenizers(cfg)
     cfg, templates = load_templates(cfg, tokenizers)
     # Rendered before any model loads: a prompt the format cannot write fails fast.
     texts = {
-        role: render_prompts(prompts, tokenizers[role], templates[role], cfg.system_prompt)
-        for role in cfg.models
+        role: render_prompts(prompts, tokenizers[role], templates[role], cfg.models.system_prompt)
+        for role in cfg.models.paths
     }
     device, dtype = select_device_dtype()
     # One model in memory at a time: two large checkpoints need not fit together.
@@ -50,11 +53,11 @@ def main(argv: list[str] | None = None) -> None:
         role: evaluate_model(
             cfg, role, tokenizers[role], templates[role], texts[role], device, dtype
         )
-        for role in cfg.models
+        for role in cfg.models.paths
     }
     finetune_template = templates["finetune"]
     report = build_report(
-        models=cfg.models,
+        models=cfg.models.paths,
         decoding=cfg.decoding.settings(),
         runtime={"device": str(device), "dtype": str(dtype).removeprefix("torch.")},
         prompts=[describe_prompt(p) for p in prompts] if finetune_template else texts["finetune"],
@@ -71,10 +74,11 @@ def main(argv: list[str] | None = None) -> None:
 def load_tokenizers(cfg: PromptEvalConfig) -> dict:
     """Both tokenizers; if they differ, warn: each model keeps its own, answers stay comparable."""
     tokenizers = {}
-    for role, path in cfg.models.items():
+    m = cfg.models
+    for role, path in m.paths.items():
         try:
             tokenizers[role] = load_eval_tokenizer(
-                path, cfg.eot_token, cfg.add_eot_token, cfg.decoding.trust_remote_code
+                path, m.eot_token, m.add_eot_token, m.trust_remote_code
             )
         except UserError as error:
             raise UserError(f"{ROLES[role]}: {error}") from None
@@ -98,10 +102,10 @@ def load_templates(
     else DeepSpeed-Chat's frame. The baseline is prompted the same way, so the comparison
     shows what fine-tuning changed, not a change of format.
     """
-    spec = cfg.chat_template
+    spec = cfg.models.chat_template
     if spec is None:
         spec = "model" if tokenizers["finetune"].chat_template else DSCHAT
-    cfg = dataclasses.replace(cfg, chat_template=spec)
+    cfg = dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, chat_template=spec))
     if problems := chat_flag_problems(cfg.eval_data()):
         raise ConfigError(format_problems(problems))
     templates: dict[str, ChatTemplate | None] = {}
@@ -118,10 +122,10 @@ def load_templates(
 def describe_prompt_format(cfg: PromptEvalConfig, template: ChatTemplate | None) -> str:
     """The report's line on how prompts were written and where answers stop."""
     if template is None:
-        return f"dschat (' Human: … Assistant:'), answers stop at {cfg.eot_token!r} or EOS"
+        return f"dschat (' Human: … Assistant:'), answers stop at {cfg.models.eot_token!r} or EOS"
     source = "the fine-tuned model's own" if template.source == "model" else template.source
     stop = f"{template.end_of_turn!r} or EOS" if template.end_of_turn else "EOS"
-    system = f", system prompt {cfg.system_prompt!r}" if cfg.system_prompt else ""
+    system = f", system prompt {cfg.models.system_prompt!r}" if cfg.models.system_prompt else ""
     return f"chat template {source}{system}, answers stop at {stop}"
 
 
@@ -136,24 +140,26 @@ def evaluate_model(
 ) -> tuple[list[list[str]], tuple[float, int] | None]:
     """One model's answers to `prompts` (rendered texts) and, with --eval_data_path, its
     perplexity."""
-    path = cfg.models[role]
+    path = cfg.models.paths[role]
     print(f"evaluating {role}: {path} ({device}, {dtype})", file=sys.stderr)
-    model = load_eval_model(path, tokenizer, device, dtype, cfg.decoding.trust_remote_code)
+    model = load_eval_model(path, tokenizer, device, dtype, cfg.models.trust_remote_code)
     if template is None:
-        answers = generate_answers(model, tokenizer, prompts, cfg.decoding, cfg.eot_token)
+        answers = generate_answers(model, tokenizer, prompts, cfg.decoding, cfg.models.eot_token)
     else:  # the template wrote the special tokens; the reply ends at its end-of-turn token
         stop = template.end_of_turn or tokenizer.eos_token
         answers = generate_answers(
             model, tokenizer, prompts, cfg.decoding, stop, add_special_tokens=False
         )
-    perplexity = evaluate_perplexity(model, tokenizer, cfg) if cfg.eval_data_path else None
+    perplexity = (
+        evaluate_perplexity(model, tokenizer, cfg) if cfg.perplexity.eval_data_path else None
+    )
     return answers, perplexity
 
 
 def evaluate_perplexity(model, tokenizer, cfg: PromptEvalConfig) -> tuple[float, int]:
     """Perplexity of `model` on --eval_data_path's evaluation rows, and how many rows: the
     rows and labels come from training's data code, through the same template."""
-    rows = load_eval_rows(cfg.eval_data(), tokenizer, cfg.max_eval_rows)
+    rows = load_eval_rows(cfg.eval_data(), tokenizer, cfg.perplexity.max_eval_rows)
     ppl = compute_perplexity(
         model,
         rows,
@@ -168,10 +174,10 @@ def summarize_perplexity(
     cfg: PromptEvalConfig, scores: dict[str, tuple[float, int] | None]
 ) -> dict | None:
     """The report's perplexity header: data sets, row count, one score per model."""
-    if not cfg.eval_data_path:
+    if not cfg.perplexity.eval_data_path:
         return None
     return {
-        "data_path": cfg.eval_data_path,
+        "data_path": cfg.perplexity.eval_data_path,
         "loss_on": cfg.effective_loss_on,
         "rows": scores["baseline"][1],
         **{role: score for role, (score, _) in scores.items()},

@@ -74,6 +74,7 @@ OURS = {
     "--attn_implementation",
     "--compile",
     "--dist_timeout_minutes",
+    "--config",
 }
 
 

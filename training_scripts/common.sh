@@ -6,8 +6,9 @@
 #   source "$(dirname "${BASH_SOURCE[0]}")/../../common.sh"
 #   parse_launcher_args <default ZERO_STAGE> "$@"   # sets OUTPUT, ZERO_STAGE, EXTRA_ARGS, LOG
 #   single_gpu_launcher | single_node_launcher | multi_node_launcher   # sets LAUNCHER
-#   run_logged "${LAUNCHER[@]}" "$MAIN" --flags... "${EXTRA_ARGS[@]}"
-# Extra flags come last, so they override the script's own (argparse keeps the last value).
+#   run_logged "${LAUNCHER[@]}" "$MAIN" --config "$RECIPES/<family>.yaml" --flags... "${EXTRA_ARGS[@]}"
+# The recipe holds the family's shared settings; the script's flags override it, and extra
+# flags come last, so they override both (argparse keeps the last value).
 #
 # Environment a user may set:
 #   NUM_GPUS      single-node scripts: how many GPUs to use (default: every visible GPU)
@@ -20,6 +21,8 @@
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MAIN="$REPO_ROOT/main.py"
+# Each launcher family's shared settings, passed to main.py with --config (its flags override).
+RECIPES="$REPO_ROOT/training_scripts/recipes"
 # Lines reach the terminal and training.log as they are printed, not in 4 KiB bursts.
 export PYTHONUNBUFFERED=1
 

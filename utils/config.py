@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from utils.data.config import BatchConfig, DataConfig, effective_loss_on
 from utils.engine.config import CheckpointConfig, EngineConfig, TrainConfig
+from utils.flags import RecipeSettings
 from utils.model.config import LoraConfig, ModelConfig
 from utils.observe.config import ObserveConfig
 from utils.planner.config import PlannerConfig
@@ -28,6 +29,9 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     observe: ObserveConfig = field(default_factory=ObserveConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
+    # Where values came from besides the command line: --config's recipe (a group, as
+    # every field here is, whose one setting is the flag that read it).
+    recipe: RecipeSettings = field(default_factory=RecipeSettings)
 
     def __post_init__(self) -> None:
         # --loss_on's default depends on --chat_template: decided once, here, so every

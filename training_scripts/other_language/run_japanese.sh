@@ -12,19 +12,15 @@ parse_launcher_args 2 "$@"
 single_node_launcher
 
 run_logged "${LAUNCHER[@]}" "$MAIN" \
+    --config "$RECIPES/other_language.yaml" \
     --data_path mkqa-Japanese Cohere/miracl-ja-queries-22-12 lmqg/qg_jaquad lmqg/qag_jaquad \
-    --data_split 10,0,0 \
     --model_name_or_path ai-forever/mGPT \
     --per_device_train_batch_size 8 \
     --per_device_eval_batch_size 8 \
-    --max_seq_len 512 \
     --learning_rate 9.65e-6 \
     --weight_decay 0. \
     --num_train_epochs 16 \
     --gradient_accumulation_steps 1 \
-    --lr_scheduler_type cosine \
-    --num_warmup_steps 0 \
-    --seed 1234 \
     --zero_stage "$ZERO_STAGE" \
     --deepspeed \
     --output_dir "$OUTPUT" \

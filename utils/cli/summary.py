@@ -91,6 +91,7 @@ def build_summary(
         f"attention    {setup.attention or 'default'} ({setup.attention_reason or 'transformers'})"
         f"{'; torch.compile on' if cfg.model.compile else ''}",
         f"output       {os.path.abspath(t.output_dir) if t.output_dir else '(none: dry run)'}",
+        *_recipe_lines(cfg),
         RULE,
     ]
     return "\n".join(lines)
@@ -173,6 +174,14 @@ def _source_table(data: SFTData) -> list[str]:
     ]
     total = f"{'total':<{width}}  {len(data.train):>9,} {len(data.eval):>8,}"
     return [header, *rows, total] if len(data.sources) > 1 else [header, *rows]
+
+
+def _recipe_lines(cfg: Config) -> list[str]:
+    """Which values came from the --config recipe (the command line overrides it)."""
+    if cfg.recipe.config is None:
+        return []
+    first, *rest = cfg.recipe.config.describe()
+    return ["recipe       " + first, *("             " + line for line in rest)]
 
 
 def _truncated(data: SFTData) -> int:

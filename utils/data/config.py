@@ -51,8 +51,8 @@ class DataConfig:
     max_seq_len: int = flag(512, "Longest sequence in tokens; longer examples are truncated.")
     eot_token: str = flag(
         DEFAULT_EOT,
-        "End-of-conversation token appended to every example (--chat_template dschat only: "
-        "a template ends each turn itself).",
+        "End-of-conversation token appended to every example, where generation stops "
+        "(--chat_template dschat only: a template ends each turn itself).",
     )
     add_eot_token: bool = flag(
         False, "Add --eot_token to the tokenizer as a special token (--chat_template dschat only)."

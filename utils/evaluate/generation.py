@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, set_seed
 
+from utils.data.config import DataConfig
 from utils.errors import UserError
+from utils.flags import flag, shared_flag
 from utils.model.folder_checks import unusable_tokenizer, weight_problems
 from utils.model.publish import interrupted_save_problem
 
@@ -29,27 +31,6 @@ HUB_DECODINGS = {
 DIVERSITY_PENALTY = 1.0
 
 
-@dataclass
-class DecodingConfig:
-    """How both models generate; MODE_FLAGS says which fields each --decoding reads."""
-
-    decoding: str = "greedy"
-    max_new_tokens: int = 100
-    num_beams: int = 4
-    num_beam_groups: int = 2
-    top_k: int = 4
-    penalty_alpha: float = 0.6
-    num_return_sequences: int = 1
-    batch_size: int = 8
-    seed: int = 1234
-    trust_remote_code: bool = False
-
-    def settings(self) -> dict[str, object]:
-        """The settings that shape this decoding (what a report header shows)."""
-        used = {"decoding", "max_new_tokens", "seed"} | MODE_FLAGS[self.decoding]
-        return {key: value for key, value in asdict(self).items() if key in used}
-
-
 # Which flags each decoding mode reads; validation rejects the others.
 MODE_FLAGS: dict[str, set[str]] = {
     "greedy": set(),
@@ -58,6 +39,38 @@ MODE_FLAGS: dict[str, set[str]] = {
     "contrastive": {"top_k", "penalty_alpha"},
     "diverse_beam": {"num_beams", "num_beam_groups", "num_return_sequences"},
 }
+
+
+def _for_modes(name: str) -> str:
+    """Which --decoding modes read the flag `name`, for its help."""
+    return ", ".join(mode for mode, flags in MODE_FLAGS.items() if name in flags)
+
+
+@dataclass(kw_only=True)
+class DecodingConfig:
+    """How both models generate; MODE_FLAGS says which fields each --decoding reads."""
+
+    decoding: str = flag(
+        "greedy",
+        "How both models generate. contrastive and diverse_beam run code transformers "
+        "downloads from the Hub: they need --trust_remote_code.",
+        choices=DECODINGS,
+    )
+    max_new_tokens: int = flag(100, "Longest answer in tokens.")
+    num_beams: int = flag(4, f"Beams ({_for_modes('num_beams')}).")
+    num_beam_groups: int = flag(2, f"Beam groups ({_for_modes('num_beam_groups')}).")
+    top_k: int = flag(4, f"Candidates per step ({_for_modes('top_k')}).")
+    penalty_alpha: float = flag(0.6, f"Degeneration penalty ({_for_modes('penalty_alpha')}).")
+    num_return_sequences: int = flag(
+        1, f"Answers per prompt ({_for_modes('num_return_sequences')})."
+    )
+    batch_size: int = flag(8, "Prompts (and perplexity rows) per forward pass.")
+    seed: int = shared_flag(DataConfig, "seed")
+
+    def settings(self) -> dict[str, object]:
+        """The settings that shape this decoding (what a report header shows)."""
+        used = {"decoding", "max_new_tokens", "seed"} | MODE_FLAGS[self.decoding]
+        return {key: value for key, value in asdict(self).items() if key in used}
 
 
 def select_device_dtype() -> tuple[torch.device, torch.dtype]:

@@ -36,14 +36,12 @@ done
 (cd "$REPO_ROOT" && python -m utils.demo.embedded --out "$EMBEDDED")
 
 run_logged python "$MAIN" \
+    --config "$RECIPES/opt_cpu.yaml" \
     --model_name_or_path "$EMBEDDED/tiny-opt" \
     --data_path "$DATA" \
-    --data_split 10,0,0 \
-    --max_seq_len 128 \
     --per_device_train_batch_size 8 \
     --per_device_eval_batch_size 16 \
     --learning_rate 2e-3 \
-    --num_warmup_steps 20 \
     --num_train_epochs 20 \
     --zero_stage "$ZERO_STAGE" \
     --output_dir "$OUTPUT" \

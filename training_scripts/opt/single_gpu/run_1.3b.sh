@@ -10,6 +10,7 @@ parse_launcher_args 0 "$@"
 single_gpu_launcher
 
 run_logged "${LAUNCHER[@]}" "$MAIN" \
+    --config "$RECIPES/opt_single_gpu.yaml" \
     --model_name_or_path facebook/opt-1.3b \
     --gradient_accumulation_steps 8 \
     --lora_dim 128 \

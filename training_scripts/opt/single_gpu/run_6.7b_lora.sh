@@ -11,19 +11,15 @@ parse_launcher_args 0 "$@"
 single_gpu_launcher
 
 run_logged "${LAUNCHER[@]}" "$MAIN" \
+    --config "$RECIPES/opt_single_gpu.yaml" \
     --data_path Dahoas/rm-static Dahoas/full-hh-rlhf Dahoas/synthetic-instruct-gptj-pairwise yitingxie/rlhf-reward-datasets \
-    --data_split 2,4,4 \
     --model_name_or_path facebook/opt-6.7b \
     --per_device_train_batch_size 8 \
     --per_device_eval_batch_size 8 \
-    --max_seq_len 512 \
     --learning_rate 1e-3 \
     --weight_decay 0. \
     --num_train_epochs 16 \
     --gradient_accumulation_steps 16 \
-    --lr_scheduler_type cosine \
-    --num_warmup_steps 0 \
-    --seed 1234 \
     --gradient_checkpointing \
     --lora_dim 128 \
     --lora_module_name decoder.layers. \

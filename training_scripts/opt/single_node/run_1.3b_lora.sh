@@ -11,19 +11,14 @@ parse_launcher_args 0 "$@"
 single_node_launcher
 
 run_logged "${LAUNCHER[@]}" "$MAIN" \
-    --data_path Dahoas/rm-static Dahoas/full-hh-rlhf Dahoas/synthetic-instruct-gptj-pairwise yitingxie/rlhf-reward-datasets \
-    --data_split 2,4,4 \
+    --config "$RECIPES/opt_single_node.yaml" \
     --model_name_or_path facebook/opt-1.3b \
     --per_device_train_batch_size 8 \
     --per_device_eval_batch_size 8 \
-    --max_seq_len 512 \
     --learning_rate 1e-3 \
     --weight_decay 0.1 \
     --num_train_epochs 16 \
     --gradient_accumulation_steps 1 \
-    --lr_scheduler_type cosine \
-    --num_warmup_steps 0 \
-    --seed 1234 \
     --lora_dim 128 \
     --lora_module_name decoder.layers. \
     --only_optimize_lora \
