@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -58,6 +59,7 @@ class Check:
     logs: str
     deadline: float
     results: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
 
     def timeout(self, cap: float) -> float | None:
         """`cap`, or what is left of the budget; None when too little is left."""
@@ -65,6 +67,7 @@ class Check:
         return min(cap, left) if left >= MIN_PART_S else None
 
     def record(self, part: str, value: dict, name: str | None = None) -> None:
+        self.results["elapsed_s"] = round(time.monotonic() - self.started, 1)
         if name is None:
             self.results[part] = value
         else:
@@ -99,6 +102,9 @@ def parse_check_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        p.error(f"--variants: unknown {sorted(unknown)}; choose from {','.join(VARIANTS)}")
     tiny = args.tiny
     args.steps = args.steps or (8 if tiny else 50)
     args.profile_steps = args.profile_steps if args.profile_steps is not None else 5 if tiny else 20
@@ -115,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(logs, exist_ok=True)
     check = Check(args, work, logs, time.monotonic() + args.budget_s)
     check.results["settings"] = vars(args)
+    # An outer `timeout` (SIGTERM) still gets the outputs written and the children killed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         inputs = prepare_inputs(check)
         parts = args.parts.split(",")
@@ -141,7 +149,7 @@ def prepare_inputs(check: Check) -> dict | None:
     """The model and data folders (None when they could not be made), and the machine."""
     args, work = check.args, check.work
     machine: dict = {}
-    probe = threading.Thread(target=describe_machine, args=(check, machine))
+    probe = threading.Thread(target=describe_machine, args=(check, machine), daemon=True)
     probe.start()
     found: dict = {"status": "ok"}
     try:
@@ -219,6 +227,7 @@ def run_variant(check: Check, name: str, inputs: dict) -> None:
     output_dir = os.path.join(check.work, "variants", name)
     command += ["--", *main_flags(check, inputs, output_dir), *VARIANTS[name]]
     outcome = run(command, check.log(name), timeout)
+    record["wall_s"] = outcome.wall_s
     if os.path.isfile(result):
         with open(result) as f:
             record.update(json.load(f))

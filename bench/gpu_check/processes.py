@@ -71,7 +71,11 @@ def run(
         log.flush()
         reader = threading.Thread(target=_read, args=(child.stdout, log, seen), daemon=True)
         reader.start()
-        outcome = _wait(child, began, timeout_s, end_marker, grace_s, seen)
+        try:
+            outcome = _wait(child, began, timeout_s, end_marker, grace_s, seen)
+        except BaseException:  # the check itself was stopped: leave nothing running
+            _kill_all(child)
+            raise
         if outcome.returncode is None:
             dump_stacks(child.pid, log)
             _kill_all(child)

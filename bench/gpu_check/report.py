@@ -51,6 +51,7 @@ def summary_markdown(results: dict) -> str:
         "{transformers}, {cpus} CPUs".format_map(_Missing(machine)),
         f"- inputs: {_format_inputs(results.get('inputs', {}))}",
         _format_setup(results.get("variants", {})),
+        f"- {results.get('elapsed_s', '?')} s in all (budget {settings.get('budget_s')} s)",
         "",
         *_variant_table(results.get("variants", {}), settings),
         *_e2e_table(results.get("e2e", {})),
@@ -71,7 +72,8 @@ def _variant_table(variants: dict, settings: dict) -> list[str]:
         "main.py's start-up with the variant's flags, then the tool's train step: warm-up on "
         "every batch width the timed steps use (at least 3 steps), then "
         f"{settings.get('steps')} timed steps, each ended by a device synchronisation. Real "
-        "tokens/s and MFU over the timed steps; medians per step; peak: the process's "
+        "tokens/s and MFU over the timed steps; medians per step (the chunked loss computes "
+        "the output layer's gradients inside the forward); peak: the process's "
         "max_memory_allocated (GPU) or peak RSS (CPU).",
         "",
         "| variant | flags | warm-up | timed | median step s | real tok/s | median tok/s "
