@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+RUNNING: set[subprocess.Popen] = set()  # children not yet waited for (`stop_running`)
 STACK_PAUSE_S = 0.5  # between two processes' stack dumps
 STACKS_WAIT_S = 2.0  # for faulthandler's output to reach the log after SIGABRT
 
@@ -65,6 +66,7 @@ def run(
         cwd=cwd,
         start_new_session=True,  # its own process group, killed as one
     )
+    RUNNING.add(child)
     seen: list[tuple[float, str]] = []
     with open(log_path, "a", encoding="utf-8", errors="replace") as log:
         log.write(f"$ {' '.join(command)}\n")
@@ -79,6 +81,7 @@ def run(
         if outcome.returncode is None:
             dump_stacks(child.pid, log)
             _kill_all(child)
+        RUNNING.discard(child)
         reader.join(timeout=10)
         log.write(f"# {describe(outcome)}\n")
     outcome.lines = [line for _, line in seen]
@@ -163,6 +166,13 @@ def descendants(pid: int) -> list[tuple[int, str]]:
     return [(p, programs.get(p, "")) for p in found]
 
 
+def stop_running() -> None:
+    """Kill every child still running (its thread was abandoned when the check stopped):
+    children run in sessions of their own, so nothing else would end them."""
+    for child in list(RUNNING):
+        _kill_all(child)
+
+
 def _kill_all(child: subprocess.Popen) -> None:
     for pid, _ in reversed(descendants(child.pid)):
         with contextlib.suppress(ProcessLookupError):
@@ -170,6 +180,7 @@ def _kill_all(child: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(child.pid, signal.SIGKILL)
     child.wait()
+    RUNNING.discard(child)
 
 
 def describe(outcome: Outcome) -> str:
