@@ -59,7 +59,7 @@ def parse_check_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_seq_len", type=int, help="512; tiny 128")
     p.add_argument("--batch", type=int, default=8, help="micro-batch")
     p.add_argument("--zero_stage", type=int, default=2)
-    p.add_argument("--budget_s", type=float, help="all parts together (450; tiny 900)")
+    p.add_argument("--budget_s", type=float, help="all parts together (470; tiny 900)")
     p.add_argument("--grace_s", type=float, default=30.0, help="exit after the last line")
     p.add_argument("--parts", default="variants,e2e,launcher")
     p.add_argument("--variants", default=",".join(VARIANTS))
@@ -72,7 +72,7 @@ def parse_check_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.steps = args.steps or (8 if tiny else 50)
     args.profile_steps = args.profile_steps if args.profile_steps is not None else 5 if tiny else 20
     args.max_seq_len = args.max_seq_len or (128 if tiny else 512)
-    args.budget_s = args.budget_s or (900 if tiny else 450)
+    args.budget_s = args.budget_s or (900 if tiny else 470)
     return args
 
 

@@ -80,7 +80,7 @@ def run(
             raise
         if outcome.returncode is None:
             dump_stacks(child.pid, log)
-            _kill_all(child)
+        _kill_all(child)  # after an exit too: what it left behind in its group
         RUNNING.discard(child)
         reader.join(timeout=10)
         log.write(f"# {describe(outcome)}\n")
