@@ -85,7 +85,7 @@ def _variant_table(variants: dict, settings: dict) -> list[str]:
         keys = ("data_s", "forward_s", "backward_s", "optimizer_s")
         split = " / ".join(_num(phases.get(k), 1e3, ".1f") for k in keys)
         lines.append(
-            f"| {name} | `{v.get('variant_flags', '')}` | {v.get('warmup_steps', '-')} "
+            f"| {name} | `{v.get('variant_flags') or '(none)'}` | {v.get('warmup_steps', '-')} "
             f"| {v.get('timed_steps', '-')} | {_num(v.get('median_step_s'), 1, '.4f')} "
             f"| {_num(v.get('tokens_per_s'), 1, ',.0f')} "
             f"| {_num(v.get('median_tokens_per_s'), 1, ',.0f')} "

@@ -26,6 +26,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator
+from itertools import chain, islice
 
 import torch
 from transformers import set_seed
@@ -34,9 +35,11 @@ from bench.gpu_check.phases import Phases, profile_top_ops
 from main import build_engine, build_loaders, build_loop, build_step_plan, choose_loss
 from utils.cli.parse import parse_args
 from utils.cli.validate import validate
+from utils.config import Config
 from utils.data.build import build_sft_data
 from utils.distributed import init_distributed
 from utils.engine.accumulation import Window, accumulation_windows
+from utils.engine.ds_config import EngineSetup
 from utils.engine.loop import TrainLoop, train_step
 from utils.files import write_atomically
 from utils.model.load import build_model, count_parameters, load_tokenizer
@@ -72,7 +75,9 @@ def measure(args: argparse.Namespace) -> None:
         train_step(loop, window, averaging)
     _synchronize(loop.dist.device)
     print(f"warm-up: {len(warm)} steps over {len(widths(ahead))} widths", flush=True)
-    steps = time_steps(loop, windows_of_epoch(loop, 0, timed), averaging, phases)
+    # The epoch's start (the loader's workers resuming) is not a step's cost: drawn first.
+    windows = windows_of_epoch(loop, 0, timed)
+    steps = time_steps(loop, chain([next(windows)], windows), averaging, phases)
     result = summarize(loop, cfg, setup, steps, warm, ahead)
     result.update(flags=args.flags, startup_s=startup_s)
     write_atomically(args.result, json.dumps(result, indent=1))
@@ -100,7 +105,7 @@ def parse_harness_args() -> argparse.Namespace:
     return args
 
 
-def start_like_main(flags: list[str]) -> tuple[TrainLoop, object, object]:
+def start_like_main(flags: list[str]) -> tuple[TrainLoop, Config, EngineSetup]:
     """main.py's start-up, step for step, up to the loop it would hand `train`."""
     cfg = parse_args(flags)
     setup = validate(cfg)
@@ -123,8 +128,7 @@ def windows_of_epoch(loop: TrainLoop, epoch: int, count: int) -> Iterator[Window
     """The first `count` optimizer steps of `epoch`, in the order main.py trains them."""
     loop.train_loader.sampler.set_epoch(epoch)
     windows = accumulation_windows(loop.train_loader, loop.plan.accumulation, loop.dist.device)
-    for _, window in zip(range(count), windows, strict=False):
-        yield window
+    return islice(windows, count)
 
 
 def endless_windows(loop: TrainLoop, first_epoch: int) -> Iterator[Window]:
@@ -173,7 +177,14 @@ def time_steps(
         steps.append(step)
 
 
-def summarize(loop: TrainLoop, cfg, setup, steps: list[dict], warm, ahead) -> dict:
+def summarize(
+    loop: TrainLoop,
+    cfg: Config,
+    setup: EngineSetup,
+    steps: list[dict],
+    warm: list[Window],
+    ahead: list[Window],
+) -> dict:
     device, meter = loop.dist.device, loop.meter
     seconds = sum(s["s"] for s in steps)
     real = sum(s["real"] for s in steps)
@@ -186,7 +197,7 @@ def summarize(loop: TrainLoop, cfg, setup, steps: list[dict], warm, ahead) -> di
         "zero_stage": loop.engine.zero_optimization_stage(),
         "loss_path": loop.loss.describe(),
         "parameters": count_parameters(loop.engine.module)[0],
-        "micro_batch": cfg.train.per_device_train_batch_size,
+        "micro_batch": setup.config["train_micro_batch_size_per_gpu"],  # the merged config's
         "max_seq_len": cfg.data.max_seq_len,
         "warmup_steps": len(warm),
         "widths": sorted(widths(ahead)),
@@ -200,9 +211,7 @@ def summarize(loop: TrainLoop, cfg, setup, steps: list[dict], warm, ahead) -> di
         "peak_gib": peak / 2**30,
         "peak_kind": "max_memory_allocated" if on_cuda else "peak RSS",
         "phases_median_s": {
-            key: statistics.median(s[key] for s in steps)
-            for key in ("data_s", *Phases.NAMES)
-            if all(key in s for s in steps)
+            key: statistics.median(s[key] for s in steps) for key in ("data_s", *Phases.NAMES)
         },
     }
 
