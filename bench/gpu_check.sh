@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
-# One-shot GPU check (issue 14 item 6): real tokens/s, MFU and peak memory of padding to max,
-# the default batches, packing and the chunked loss on an OPT-1.3B-shaped model, bf16, ZeRO-2.
-#   bash bench/gpu_check.sh           on a CUDA machine (30 steps per run)
-#   bash bench/gpu_check.sh --tiny    on any CPU, well under a minute (what CI runs)
-# Needs the repository's requirements; DeepSpeed has no wheel on the index for every CUDA
-# machine: `pip wheel --no-deps --no-build-isolation deepspeed==<version>` builds one to carry.
+# One call of a lent GPU answers everything (bench/gpu_check/driver.py says what it runs):
+#   bash bench/gpu_check.sh --out DIR          on a CUDA machine (OPT-1.3B's shape; under 8 min on an H200)
+#   bash bench/gpu_check.sh --tiny --out DIR   on any CPU, a minute or two (what CI runs)
+# The exact device call (wheels, model builder, data) is in README.md, "Speed".
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-export HF_HUB_OFFLINE=1
-exec python bench/gpu_check.py "$@"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+exec python3 -m bench.gpu_check.driver "$@"
