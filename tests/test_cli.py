@@ -65,6 +65,7 @@ OURS = {
     "--save_steps",
     "--save_total_limit",
     "--resume_from_checkpoint",
+    "--trust_checkpoint",
     "--peak_tflops",
     "--estimate_memory",
     "--gpu_memory_gb",

@@ -82,3 +82,9 @@ class CheckpointConfig:
         "Continue a run exactly: a checkpoint folder, or 'auto' for the newest complete "
         "checkpoint in --output_dir (starts fresh when there is none).",
     )
+    trust_checkpoint: bool = flag(
+        False,
+        "Resume from a checkpoint even if other users can write it (or own it). Resuming "
+        "unpickles its files, which runs any code planted in them: pass this only when you "
+        "trust everyone who can write there.",
+    )
