@@ -223,7 +223,13 @@ def save_model(
     carry_chat_template(engine.module, tokenizer, template)
     advice = checkpointer.advice_after_failed_save(engine.global_steps)
     save_hf_model(
-        engine.module, tokenizer, output_dir, zero_stage, cfg.lora.save_lora_adapter, advice
+        engine.module,
+        tokenizer,
+        output_dir,
+        zero_stage,
+        cfg.lora.save_lora_adapter,
+        advice,
+        wait_minutes=cfg.checkpoint.disk_full_wait_minutes,
     )
     print_rank_0(f"saved the fine-tuned model to {output_dir}")
     verify_saved_model(engine, output_dir, eval_loader, dist, cfg.model.trust_remote_code)

@@ -47,7 +47,7 @@ from utils.engine.checkpoint_checks import (
     run_shape,
     vet_checkpoint,
 )
-from utils.engine.config import CheckpointConfig
+from utils.engine.config import MAX_DISK_WAIT_MINUTES, CheckpointConfig
 from utils.engine.ds_config import EngineSetup
 from utils.engine.elastic import MARKER, with_universal_loading
 from utils.engine.preemption import install_preemption_handlers, stop_requested
@@ -68,6 +68,11 @@ def checkpoint_problems(cfg: CheckpointConfig) -> list[str]:
         problems.append(f"--save_steps {cfg.save_steps} must be 0 (off) or a positive number.")
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
         problems.append(f"--save_total_limit {cfg.save_total_limit} must be at least 1.")
+    if not 0 <= (wait := cfg.disk_full_wait_minutes) <= MAX_DISK_WAIT_MINUTES:
+        problems.append(
+            f"--disk_full_wait_minutes {wait} must be between 0 and {MAX_DISK_WAIT_MINUTES} (the "
+            "other ranks wait for rank 0's save at most 6 hours)."
+        )
     path = cfg.resume_from_checkpoint
     if path and path != "auto" and not os.path.isdir(path):
         problems.append(
