@@ -164,6 +164,7 @@ CHANGES = {  # id: (how the checkpoint is changed, what the refusal names; None:
     "other-owner": (give_away, "{c}/{s} is owned by user"),
     "private-group": (lambda c, m, g: os.chmod(c, 0o775), None),  # umask 002, own group
     "team-group": (share_with_team, "{c} is writable by group team (mode 0775)"),
+    "links": (lambda c, m, g: (os.symlink(STATES, c / "a.pt"), os.symlink("gone", c / "b")), None),
 }
 
 

@@ -55,7 +55,10 @@ def untrusted_entries(folder: str) -> list[str]:
 
 def _untrusted(path: str, holder: bool = False) -> str | None:
     """Why others can change `path`, or None. `holder`: the folder holding the checkpoint."""
-    info = os.stat(path)  # a symbolic link counts as what it points to
+    try:
+        info = os.stat(path)  # a symbolic link counts as what it points to (its mode is 0777)
+    except OSError:
+        return None  # a dangling link or a loop: nothing there can be loaded
     if info.st_uid not in (os.geteuid(), 0):
         return f"{path} is owned by {_user_name(info.st_uid)}"
     if holder and info.st_mode & stat.S_ISVTX:
