@@ -165,18 +165,20 @@ def refuse_mismatch(
     device; None: the model is compared later, by check_model)."""
     changes = settings_changes(state["settings"], settings)
     saved = RunShape(**state["shape"])
-    model = planned and model_difference(saved, param_shapes(planned), planned.config.name_or_path)
-    if not changes and not model:
+    difference = planned and model_difference(
+        saved, param_shapes(planned), planned.config.name_or_path
+    )
+    if not changes and not difference:
         return
     problems, what = [], []
-    if model:
+    if difference:
         fix = f"; pass --model_name_or_path {saved.model}" if saved.model else ""
-        problems.append(f"the model: {model}{fix}")
+        problems.append(f"the model: {difference}{fix}")
         what.append("from another model")
     if changes:
         problems += changes
         what.append("with other settings")
-    fix = f"{MODEL_FIX} and its settings" if model else "Resume with the checkpoint's settings"
+    fix = f"{MODEL_FIX} and its settings" if difference else "Resume with the checkpoint's settings"
     raise UserError(
         "\n".join(
             [
@@ -199,14 +201,15 @@ def check_model(path: str, state: dict, current: RunShape) -> None:
         )
 
 
-def model_difference(saved: RunShape, shapes: dict[str, list[int]], model: str) -> str | None:
-    """How the checkpoint's parameters differ from `shapes`, those of `model` (None: alike)."""
+def model_difference(saved: RunShape, shapes: dict[str, list[int]], model_path: str) -> str | None:
+    """How the checkpoint's parameters differ from `shapes`, those of the model built from
+    `model_path` (None: they are alike)."""
     if saved.param_shapes == shapes:
         return None
     origin = f", trained from {saved.model}" if saved.model else ""
     return (
         f"{_shape_difference(saved.param_shapes, shapes)} (the checkpoint's "
-        f"{_count(saved.param_shapes):,} parameters{origin}; --model_name_or_path {model} "
+        f"{_count(saved.param_shapes):,} parameters{origin}; --model_name_or_path {model_path} "
         f"makes {_count(shapes):,})"
     )
 

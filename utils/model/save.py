@@ -132,7 +132,7 @@ def wait_for_room(
     """Return once output_dir's file system has room for weights of `needed` bytes (and,
     after a failed write, SPARE_BYTES more free than the `beyond` it had then), polling
     until `deadline` (time.monotonic()); else DiskFullError, also on Ctrl-C. Rank 0."""
-    want = max(needed + needed // 50 + SPARE_BYTES, beyond + SPARE_BYTES)
+    want = max(room_for(needed), beyond + SPARE_BYTES)
     free = free_bytes(output_dir)
     if free >= want:
         return
@@ -206,8 +206,14 @@ def _wrote(model, tokenizer, state, adapter, output_dir: str) -> bool:
     return True
 
 
+def room_for(needed: int) -> int:
+    """Free bytes a model folder with weights of `needed` bytes wants (2% for file-system
+    overhead, SPARE_BYTES for the tokenizer and configs)."""
+    return needed + needed // 50 + SPARE_BYTES
+
+
 def _check_room(output_dir: str, needed: int, advice: str) -> None:
-    if free_bytes(output_dir) < needed + needed // 50 + SPARE_BYTES:
+    if free_bytes(output_dir) < room_for(needed):
         raise DiskFullError(_no_room(output_dir, needed, advice))
 
 
