@@ -78,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         prepare_output_dir(cfg.train.output_dir, dist)
         # Before the model loads: a checkpoint this run cannot continue is refused cheaply.
         checkpointer = build_checkpointer(
-            cfg.checkpoint, cfg.train.output_dir, recorded_settings(cfg, data, dist), dist
+            cfg.checkpoint,
+            cfg.train.output_dir,
+            recorded_settings(cfg, data, dist),
+            dist,
+            planned_model=lambda: build_meta_model(cfg, tokenizer, setup),
         )
         model = build_model(cfg.model, tokenizer, setup.config, attention=setup.attention)
         model = apply_lora(model, cfg.lora)
@@ -219,18 +223,29 @@ def save_model(
     carry_chat_template(engine.module, tokenizer, template)
     advice = checkpointer.advice_after_failed_save(engine.global_steps)
     save_hf_model(
-        engine.module, tokenizer, output_dir, zero_stage, cfg.lora.save_lora_adapter, advice
+        engine.module,
+        tokenizer,
+        output_dir,
+        zero_stage,
+        cfg.lora.save_lora_adapter,
+        advice,
+        wait_minutes=cfg.checkpoint.disk_full_wait_minutes,
     )
     print_rank_0(f"saved the fine-tuned model to {output_dir}")
     verify_saved_model(engine, output_dir, eval_loader, dist, cfg.model.trust_remote_code)
+
+
+def build_meta_model(cfg: Config, tokenizer, setup: EngineSetup):
+    """The model this run trains, on the meta device: its shapes, no weights read."""
+    model = build_model(cfg.model, tokenizer, setup.config, on_meta=True, attention=setup.attention)
+    return apply_lora(model, cfg.lora)
 
 
 def dry_run(
     cfg: Config, tokenizer, data: SFTData, setup: EngineSetup, plan: StepPlan, dist: DistInfo
 ) -> int:
     """Print what a run would do as one JSON line (the last line of stdout); train nothing."""
-    model = build_model(cfg.model, tokenizer, setup.config, on_meta=True, attention=setup.attention)
-    model = apply_lora(model, cfg.lora)
+    model = build_meta_model(cfg, tokenizer, setup)
     total, trainable = count_parameters(model)
     loss = choose_loss(cfg, model, setup, dist)
     print_run_summary(cfg, data, (total, trainable), setup, plan, loss)

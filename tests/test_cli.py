@@ -65,6 +65,8 @@ OURS = {
     "--save_steps",
     "--save_total_limit",
     "--resume_from_checkpoint",
+    "--trust_checkpoint",
+    "--disk_full_wait_minutes",
     "--peak_tflops",
     "--estimate_memory",
     "--gpu_memory_gb",

@@ -8,6 +8,7 @@ which builds the (tiny) data but never the engine.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+from datasets.arrow_writer import ArrowWriter
 
 import main as cli
 from prompt_eval import run as prompt_eval
@@ -159,6 +161,7 @@ def test_a_model_folder_without_a_tokenizer_trains_with_tokenizer_name_or_path(
         (["--seed", "-1"], "--seed -1: must be between 0 and 4294967295"),
         (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size 0 must be at"),
         (["--data_split", "1,2"], "--data_split '1,2': give 3 comma-separated weights"),
+        (["--disk_full_wait_minutes", "-1"], "--disk_full_wait_minutes -1 must be between 0"),
     ],
 )
 def test_a_number_that_makes_no_sense_is_refused(capsys, tmp_path, models, data, flags, expected):
@@ -313,6 +316,37 @@ def test_data_whose_responses_are_all_cut_away_is_refused(capsys, tmp_path, mode
     folder = write_set(tmp_path / "long", [long_prompt] * 8)
     code, message = run_main(capsys, models["good"], [folder], tmp_path, "--loss_on", "response")
     assert code == 2 and "give the loss no token" in message and "Raise --max_seq_len" in message
+
+
+# Faults (issue 21) ---------------------------------------------------------------------
+
+
+def test_a_full_disk_under_the_data_cache_names_the_cache_folder(
+    capsys, tmp_path, models, data, monkeypatch
+):
+    # Before: "cannot read ['.../train.jsonl']: [Errno 28] No space left on device", as if
+    # the input were at fault, and a traceback when the disk filled later in the build.
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ArrowWriter, "_write_table", full)
+    code, message = run_main(capsys, models["good"], [data], tmp_path)
+    cache = tmp_path / "cache"
+    assert code == 2
+    assert f"no room for the tokenised-data cache in --data_output_path {cache}" in message
+    assert not [p for p in cache.iterdir() if p.is_dir()]  # no entry, no .build- folder
+
+
+def test_a_checkpoint_folder_others_can_write_is_refused(capsys, tmp_path, models, data):
+    # Before: DeepSpeed unpickled its files as they were; code planted there ran as the user.
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "run_state.json").write_text("{}")
+    os.chmod(checkpoint, 0o777)
+    resume = ["--output_dir", str(tmp_path / "out"), "--resume_from_checkpoint", "auto"]
+    code, message = run_main(capsys, models["good"], [data], tmp_path, *resume)
+    assert code == 2 and f"checkpoint {checkpoint} could run another user's code" in message
+    assert f"{checkpoint} is writable by every user (mode 0777)" in message
 
 
 # Launchers -----------------------------------------------------------------------------

@@ -184,7 +184,7 @@ def test_a_full_disk_at_the_final_save_says_how_much_room_and_keeps_the_old_mode
     assert "newest checkpoint is checkpoint-6 (3 steps" in checkpointer.advice_after_failed_save(9)
 
     # Checked before training too, from the model's size.
-    monkeypatch.setattr(save_module, "_free_bytes", lambda path: 10**6)
+    monkeypatch.setattr(save_module, "free_bytes", lambda path: 10**6)
     with pytest.raises(DiskFullError, match="Nothing has been trained yet"):
         save_module.check_disk_space(old, str(out), "Nothing has been trained yet.")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 
@@ -108,3 +109,34 @@ def is_disk_full(err: BaseException) -> bool:
             return True
         err = err.__cause__ or err.__context__
     return False
+
+
+def free_bytes(path: str) -> int:
+    """Free bytes on the file system that holds `path` (or would: it may not exist yet)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return shutil.disk_usage(existing).free
+
+
+def tree_bytes(path: str) -> int:
+    """Bytes of the file `path`, or of the files under the folder `path` (0: neither)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            with contextlib.suppress(OSError):  # a file deleted while counting
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def human_bytes(n: float) -> str:
+    """Decimal units with three significant digits, as `df -H` prints them: 6.08 MB."""
+    if abs(n) < 1000:
+        return f"{n:.0f} bytes"
+    for unit in ("KB", "MB", "GB"):
+        n /= 1000
+        if abs(n) < 999.5:  # would round to 1000: the next unit
+            return f"{n:.3g} {unit}"
+    return f"{n / 1000:.3g} TB" if abs(n) < 999_500 else f"{n / 1000:.0f} TB"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 
 import pyarrow.compute as pc
 from datasets import Dataset, concatenate_datasets
@@ -11,13 +10,13 @@ from transformers import PreTrainedTokenizerBase
 
 from utils.data.cache import (
     ENTRY_PREFIX,
+    build_space,
     cache_key,
     entry_lock,
     load_cached,
     predates_process,
     save_cached,
     sweep_dead_builds,
-    work_folder,
 )
 from utils.data.chat import ChatTemplate, load_chat_template
 from utils.data.chat_rows import conversation_reader, drop_skipped, tokenize_chat_rows
@@ -29,6 +28,7 @@ from utils.data.skipped import check_not_all_skipped, required_columns
 from utils.data.sources import Source, fingerprint_source, load_source, resolve_sources
 from utils.data.split import parse_data_split, partition, resample, shuffled
 from utils.data.tokenize import TRUNCATED, fingerprint_tokenizer, tokenize_rows
+from utils.files import tree_bytes
 
 TRAIN_ONLY_SPLIT = [9.0, 1.0]  # eval rows for sources without an eval split (DeepSpeed-Chat)
 MISSING_FIELD = "missing prompt or response"  # why the DeepSpeed-Chat path skips a row
@@ -63,21 +63,19 @@ def build_sft_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> SFTDa
     root = cfg.data_output_path
     folder = os.path.join(root, ENTRY_PREFIX + key)
     if cached := load_reusable(folder, cfg.rebuild_data_cache):
+        sweep_dead_builds(root)  # e.g. of a build killed after its entry was published
         return cached
     os.makedirs(root, exist_ok=True)
     with entry_lock(folder):
         # Another process may have finished the same entry while this one waited.
         if cached := load_reusable(folder, cfg.rebuild_data_cache):
             return cached
-        sweep_dead_builds(folder)
-        work = work_folder(folder)
-        os.makedirs(work)
-        try:
+        sweep_dead_builds(root, held=folder)
+        input_bytes = sum(tree_bytes(s.path) for s in sources if s.path)
+        with build_space(folder, input_bytes) as work:
             save_cached(
                 build_uncached(sources, split, cfg, tokenizer, template, work), folder, work
             )
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
     return load_cached(folder)
 
 

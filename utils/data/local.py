@@ -13,6 +13,7 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from datasets.exceptions import DatasetGenerationError
 
 from utils.data.common import DataError
+from utils.files import is_disk_full
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 EVAL_SPLITS = ("eval", "validation", "valid", "dev", "test")
@@ -101,6 +102,8 @@ def load_files(files: list[str], cache_dir: str) -> Dataset:
     try:
         return load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
     except (DatasetGenerationError, pyarrow.ArrowException, ValueError) as err:
+        if is_disk_full(err):  # writing the Arrow copy failed, not reading: the cache's problem
+            raise
         cause = err.__cause__ or err
         problem = _find_bad_json(files) if builder == "json" else None
         raise DataError(problem or f"cannot read {files}: {cause}") from err

@@ -29,8 +29,11 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+import torch
 
 from utils.distributed import DistInfo, barrier, print_rank_0, rank_zero_first, warn_rank_0
 from utils.engine.accumulation import DataPosition
@@ -41,14 +44,14 @@ from utils.engine.checkpoint_checks import (
     check_files,
     check_model,
     published_checkpoints,
-    read_run_state,
     run_shape,
+    vet_checkpoint,
 )
-from utils.engine.config import CheckpointConfig
+from utils.engine.config import MAX_DISK_WAIT_MINUTES, CheckpointConfig
 from utils.engine.ds_config import EngineSetup
 from utils.engine.elastic import MARKER, with_universal_loading
 from utils.engine.preemption import install_preemption_handlers, stop_requested
-from utils.engine.resume import check_settings, load_checkpoint, prepare_load, rank_0_does
+from utils.engine.resume import load_checkpoint, prepare_load, rank_0_does
 from utils.engine.resume_state import gather_rng_states
 from utils.errors import UserError
 from utils.files import fsync_tree
@@ -65,6 +68,11 @@ def checkpoint_problems(cfg: CheckpointConfig) -> list[str]:
         problems.append(f"--save_steps {cfg.save_steps} must be 0 (off) or a positive number.")
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
         problems.append(f"--save_total_limit {cfg.save_total_limit} must be at least 1.")
+    if not 0 <= (wait := cfg.disk_full_wait_minutes) <= MAX_DISK_WAIT_MINUTES:
+        problems.append(
+            f"--disk_full_wait_minutes {wait} must be between 0 and {MAX_DISK_WAIT_MINUTES} (the "
+            "other ranks wait for rank 0's save at most 6 hours)."
+        )
     path = cfg.resume_from_checkpoint
     if path and path != "auto" and not os.path.isdir(path):
         problems.append(
@@ -282,17 +290,23 @@ class Checkpointer:
 
 
 def build_checkpointer(
-    cfg: CheckpointConfig, output_dir: str, settings: dict[str, Any], dist: DistInfo
+    cfg: CheckpointConfig,
+    output_dir: str,
+    settings: dict[str, Any],
+    dist: DistInfo,
+    planned_model: Callable[[], torch.nn.Module] | None = None,
 ) -> Checkpointer:
     """Clear what killed runs left, pick the checkpoint to resume and vet it (before the
-    model loads, so a refusal is cheap), and route SIGTERM/SIGUSR1 to checkpoint-and-exit."""
+    model loads, so a refusal is cheap), and route SIGTERM/SIGUSR1 to checkpoint-and-exit.
+    `planned_model` builds this run's model on the meta device, only to vet a checkpoint
+    (None: its parameters are compared once the model is built, in engine_setup)."""
     if dist.is_main:
         sweep_stale(output_dir)
     path = find_checkpoint(cfg, output_dir)
     state = None
     if path:
-        state = read_run_state(path)
-        check_settings(path, state["settings"], settings)
+        planned = planned_model() if planned_model else None
+        state = vet_checkpoint(path, settings, planned, trusted=cfg.trust_checkpoint)
         rank_0_does(lambda: check_files(path, state), dist, "check the checkpoint's files")
     install_preemption_handlers()
     return Checkpointer(cfg, output_dir, settings, dist, resume_from=path, state=state)

@@ -1,19 +1,24 @@
 """Refusing checkpoints this run cannot continue exactly, with what differs and what to do.
 
-Checked before the DeepSpeed engine exists (run_state.json, the files' zip directories and
-the model's parameter shapes; no tensor is loaded), so a refusal costs seconds, not a model
-load and an optimizer build.
+Checked before the model loads (run_state.json, the files' zip directories, and the
+parameter shapes of the model built on the meta device; no tensor is loaded), so a refusal
+costs seconds, not a model load and an optimizer build. A checkpoint of another model
+trained with other settings is refused once, listing the model and every setting.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
 from dataclasses import dataclass
 
 import torch
 
+from utils.distributed import print_rank_0
+from utils.engine.checkpoint_trust import refuse_untrusted
+from utils.engine.run_settings import GEOMETRY, describe_geometry, settings_changes
 from utils.errors import UserError
 
 PREFIX = "checkpoint-"
@@ -28,12 +33,16 @@ class RunShape:
     world_size: int
     zero_stage: int
     param_shapes: dict[str, list[int]]
+    model: str = ""  # the --model_name_or_path it was built from (for messages; "": unknown)
 
 
 def run_shape(model: torch.nn.Module, world_size: int, zero_stage: int) -> RunShape:
+    return RunShape(world_size, zero_stage, param_shapes(model), model.config.name_or_path)
+
+
+def param_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
     # ds_shape: at ZeRO-3 a parameter's own shape is that of its (possibly empty) shard.
-    shapes = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
-    return RunShape(world_size=world_size, zero_stage=zero_stage, param_shapes=shapes)
+    return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
 
 
 def published_checkpoints(output_dir: str | None) -> list[tuple[int, str]]:
@@ -127,21 +136,92 @@ def earlier_checkpoint_advice(path: str) -> str:
     )
 
 
+MODEL_FIX = "Resume with the --model_name_or_path, tokenizer and LoRA flags it was trained with"
+
+
+def vet_checkpoint(
+    path: str, settings: dict, planned: torch.nn.Module | None, trusted: bool
+) -> dict:
+    """The run_state.json of checkpoint `path` once it is safe to read and this run can
+    continue it; else one UserError with every problem (`refuse_mismatch`)."""
+    if not trusted:
+        refuse_untrusted(path)  # before anything in it is read
+    state = read_run_state(path)
+    refuse_mismatch(path, state, settings, planned)
+    saved = state["settings"]
+    if any(saved[name] != settings[name] for name in GEOMETRY):
+        print_rank_0(
+            f"checkpoint {path}: micro-batch x ranks x accumulation {describe_geometry(saved)} "
+            f"-> {describe_geometry(settings)} (the same global batch and schedule)"
+        )
+    return state
+
+
+def refuse_mismatch(
+    path: str, state: dict, settings: dict, planned: torch.nn.Module | None
+) -> None:
+    """One UserError listing every way this run differs from the one that wrote the
+    checkpoint: its settings, and its model (`planned`: this run's, built on the meta
+    device; None: the model is compared later, by check_model)."""
+    changes = settings_changes(state["settings"], settings)
+    saved = RunShape(**state["shape"])
+    difference = planned and model_difference(
+        saved, param_shapes(planned), planned.config.name_or_path
+    )
+    if not changes and not difference:
+        return
+    problems, what = [], []
+    if difference:
+        fix = f"; pass --model_name_or_path {saved.model}" if saved.model else ""
+        problems.append(f"the model: {difference}{fix}")
+        what.append("from another model")
+    if changes:
+        problems += changes
+        what.append("with other settings")
+    fix = f"{MODEL_FIX} and its settings" if difference else "Resume with the checkpoint's settings"
+    raise UserError(
+        "\n".join(
+            [
+                f"checkpoint {path} was trained {' and '.join(what)}; continuing it with these "
+                "would change the run (its model, data order, schedule or optimisation):",
+                *(f"  - {problem}" for problem in problems),
+                f"{fix}, or start a new run in another --output_dir.",
+            ]
+        )
+    )
+
+
 def check_model(path: str, state: dict, current: RunShape) -> None:
     """The checkpoint holds this model: the same parameters with the same shapes."""
     saved = RunShape(**state["shape"])
-    if saved.param_shapes != current.param_shapes:
+    if difference := model_difference(saved, current.param_shapes, current.model):
         raise UserError(
-            f"checkpoint {path} is of a different model: {_shape_difference(saved, current)}. "
-            "Resume with the same --model_name_or_path, tokenizer and LoRA flags it was "
-            "trained with, or start a new run in another --output_dir."
+            f"checkpoint {path} is of a different model: {difference}. {MODEL_FIX}, or "
+            "start a new run in another --output_dir."
         )
 
 
-def _shape_difference(saved: RunShape, current: RunShape) -> str:
-    only_saved = sorted(set(saved.param_shapes) - set(current.param_shapes))
-    only_current = sorted(set(current.param_shapes) - set(saved.param_shapes))
+def model_difference(saved: RunShape, shapes: dict[str, list[int]], model_path: str) -> str | None:
+    """How the checkpoint's parameters differ from `shapes`, those of the model built from
+    `model_path` (None: they are alike)."""
+    if saved.param_shapes == shapes:
+        return None
+    origin = f", trained from {saved.model}" if saved.model else ""
+    return (
+        f"{_shape_difference(saved.param_shapes, shapes)} (the checkpoint's "
+        f"{_count(saved.param_shapes):,} parameters{origin}; --model_name_or_path {model_path} "
+        f"makes {_count(shapes):,})"
+    )
+
+
+def _count(shapes: dict[str, list[int]]) -> int:
+    return sum(math.prod(shape) for shape in shapes.values())
+
+
+def _shape_difference(saved: dict[str, list[int]], current: dict[str, list[int]]) -> str:
+    only_saved = sorted(set(saved) - set(current))
+    only_current = sorted(set(current) - set(saved))
     if only_saved or only_current:
         return f"parameters only in the checkpoint {only_saved[:3]}, only in this model {only_current[:3]}"
-    name = next(n for n in saved.param_shapes if saved.param_shapes[n] != current.param_shapes[n])
-    return f"{name} is {saved.param_shapes[name]} there and {current.param_shapes[name]} here"
+    name = next(n for n in saved if saved[n] != current[n])
+    return f"{name} is {saved[name]} there and {current[name]} here"

@@ -19,6 +19,9 @@ SCHEDULERS = (
     "constant_with_warmup",
 )
 DTYPES = ("auto", "fp32", "fp16", "bf16")
+# Half of how long the other ranks wait for rank 0's save (utils/distributed.py LONG_WAIT,
+# 6 hours): the other half is left for writing the model.
+MAX_DISK_WAIT_MINUTES = 180
 LOSS_AVERAGING = ("token", "micro_batch")
 
 
@@ -81,4 +84,17 @@ class CheckpointConfig:
         None,
         "Continue a run exactly: a checkpoint folder, or 'auto' for the newest complete "
         "checkpoint in --output_dir (starts fresh when there is none).",
+    )
+    disk_full_wait_minutes: int = flag(
+        60,
+        "When the disk (or quota) is full at the final save, say how much room it needs "
+        "and wait up to this many minutes for room, retrying as soon as there is (the "
+        "trained weights are still in memory); Ctrl-C stops waiting. 0 (fail at once) to "
+        f"{MAX_DISK_WAIT_MINUTES}.",
+    )
+    trust_checkpoint: bool = flag(
+        False,
+        "Resume from a checkpoint even if other users can write it (or own it). Resuming "
+        "unpickles its files, which runs any code planted in them: pass this only when you "
+        "trust everyone who can write there.",
     )

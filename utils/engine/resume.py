@@ -1,8 +1,9 @@
 """Continuing a checkpoint: vet it, convert it when the run's shape changed, load it.
 
 The order of a resume (utils/engine/checkpoint.py drives it):
-1. before the model loads: run_state.json parses, the settings match (run_settings.py),
-   every file is there and whole;
+1. before the model loads (checkpoint_checks.py): the folder is the user's own
+   (checkpoint_trust.py), run_state.json parses, the model (built on the meta device) and
+   the settings (run_settings.py) match, every file is there and whole;
 2. with the model, before the engine: the parameters match; when the world size or ZeRO
    stage changed, rank 0 converts the checkpoint once into DeepSpeed's universal format
    (utils/engine/elastic.py) while the other ranks wait, and the engine is built to load it;
@@ -16,7 +17,6 @@ import os
 import pickle
 import zipfile
 from collections.abc import Callable
-from typing import Any
 
 from utils.distributed import DistInfo, print_rank_0, rank_zero_first
 from utils.engine.accumulation import DataPosition
@@ -35,32 +35,10 @@ from utils.engine.elastic import (
     universal_dir,
 )
 from utils.engine.resume_state import replay_cpu_adam_steps, set_rng_state
-from utils.engine.run_settings import GEOMETRY, describe_geometry, settings_changes
 from utils.errors import UserError
 
 # What torch.load raises on a file whose bytes are damaged (DeepSpeed passes it through).
 LOAD_ERRORS = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError)
-
-
-def check_settings(path: str, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse a resume that would change the run; say so when only its geometry changes."""
-    if changes := settings_changes(saved, current):
-        raise UserError(
-            "\n".join(
-                [
-                    f"checkpoint {path} was trained with other settings; continuing it with "
-                    "these would change the run (its data order, schedule or optimisation):",
-                    *(f"  - {change}" for change in changes),
-                    "Resume with the checkpoint's settings, or start a new run in another "
-                    "--output_dir.",
-                ]
-            )
-        )
-    if any(saved[name] != current[name] for name in GEOMETRY):
-        print_rank_0(
-            f"checkpoint {path}: micro-batch x ranks x accumulation {describe_geometry(saved)} "
-            f"-> {describe_geometry(current)} (the same global batch and schedule)"
-        )
 
 
 def rank_0_does(work: Callable[[], object], dist: DistInfo, what: str) -> None:
