@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader
 from utils.data.common import IGNORE_INDEX
 from utils.distributed import DistInfo, all_reduce_max, all_reduce_sum, print_rank_0
 from utils.engine.accumulation import (
-    DataPosition,
     StepPlan,
     Window,
     accumulation_windows,
@@ -28,6 +27,7 @@ from utils.engine.accumulation import (
 from utils.engine.checkpoint import Checkpointer
 from utils.engine.config import TrainConfig
 from utils.engine.elastic_position import start_epoch
+from utils.engine.position import DataPosition
 from utils.model.loss import LossPath, count_trained, prepare_batch, summed_nll
 from utils.observe.progress import RunMonitor, grad_norm
 from utils.observe.throughput import ThroughputMeter, format_throughput
