@@ -35,7 +35,7 @@ from utils.engine.elastic import (
 )
 from utils.engine.position import DataPosition
 from utils.engine.resume_state import replay_cpu_adam_steps, set_rng_state
-from utils.engine.run_settings import GEOMETRY, describe_geometry, settings_changes
+from utils.engine.run_settings import geometry, settings_changes
 from utils.errors import UserError
 
 # What torch.load raises on a file whose bytes are damaged (DeepSpeed passes it through).
@@ -56,10 +56,10 @@ def check_settings(path: str, saved: dict[str, Any], current: dict[str, Any]) ->
                 ]
             )
         )
-    if any(saved[name] != current[name] for name in GEOMETRY):
+    if geometry(saved) != geometry(current):
         print_rank_0(
-            f"checkpoint {path}: micro-batch x ranks x accumulation {describe_geometry(saved)} "
-            f"-> {describe_geometry(current)} (the same global batch and schedule)"
+            f"checkpoint {path}: micro-batch x ranks x accumulation {geometry(saved)} "
+            f"-> {geometry(current)} (the same global batch and schedule)"
         )
 
 
