@@ -20,15 +20,10 @@ from utils.errors import UserError
 from utils.model.config import LoraConfig
 from utils.model.lora import apply_lora, is_lora_parameter
 from utils.planner.config import PlannerConfig
-from utils.planner.estimate import (
-    GB,
-    estimate_activations,
-    estimate_model_states,
-    measure_shape,
-    plan_memory,
-)
+from utils.planner.estimate import GB, estimate_activations, estimate_model_states, plan_memory
 from utils.planner.largest import largest_fitting_model, scale_config
 from utils.planner.report import estimate_memory, format_memory_plan
+from utils.planner.shape import measure_shape
 
 CONFIGS = {
     "opt": lambda: OPTConfig(

@@ -33,8 +33,9 @@ from utils.model.loss import choose_loss_path, count_trained, model_nll
 from utils.observe.config import ObserveConfig
 from utils.observe.progress import build_monitor, load_metrics
 from utils.observe.throughput import build_meter
-from utils.planner.estimate import measure_shape, plan_memory
+from utils.planner.estimate import plan_memory
 from utils.planner.loss_memory import estimate_loss_memory
+from utils.planner.shape import measure_shape
 
 
 def loss_path(model, setting="auto", zero_stage=0, compiled=False):

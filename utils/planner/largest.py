@@ -8,7 +8,8 @@ import copy
 from transformers import PretrainedConfig
 
 from utils.config import Config
-from utils.planner.estimate import FFN_KEYS, GB, MemoryPlan, measure_shape, plan_memory
+from utils.planner.estimate import GB, MemoryPlan, plan_memory
+from utils.planner.shape import FFN_KEYS, measure_shape
 
 MAX_HEADS = 1 << 12
 

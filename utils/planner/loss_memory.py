@@ -7,13 +7,9 @@ choice from the flags and the model's config).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from utils.config import Config
 from utils.model.chunked_loss import chunked_loss_mode, default_chunk_tokens
-
-if TYPE_CHECKING:  # estimate.py imports this module
-    from utils.planner.estimate import ModelShape
+from utils.planner.shape import ModelShape
 
 
 def estimate_loss_memory(shape: ModelShape, tokens: int, dtype: str, loss_mode: str) -> int:

@@ -1,6 +1,6 @@
 """`--estimate_memory`: the planner's figures for a run as a table and a JSON line.
 
-Reads the model's config only (no weights, no data); see utils/memory_planner.py
+Reads the model's config only (no weights, no data); see utils/planner/estimate.py
 for how each figure is estimated and where DeepSpeed's estimators are used.
 """
 
@@ -14,8 +14,10 @@ from transformers import PretrainedConfig
 from utils.config import Config
 from utils.engine.ds_config import EngineSetup
 from utils.model.load import load_model_config
-from utils.planner.estimate import GB, measure_shape, plan_memory, planned_loss_mode
+from utils.planner.estimate import GB, plan_memory
 from utils.planner.largest import largest_fitting_model
+from utils.planner.loss_memory import planned_loss_mode
+from utils.planner.shape import measure_shape
 
 RULE_OF_THUMB_GB_PER_BILLION = 3  # README: GPU GB / 3 = billions of params (ZeRO-3+GC+LoRA)
 
