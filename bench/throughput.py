@@ -260,7 +260,7 @@ def load_data(args, work: str):
         data_output_path=os.path.join(work, "cache"),
         max_seq_len=args.max_seq_len,
     )
-    return tokenizer, build_sft_data(cfg, tokenizer)
+    return tokenizer, build_sft_data(cfg, tokenizer, None)
 
 
 def main() -> None:

@@ -13,13 +13,12 @@ import torch
 from datasets import Dataset
 from PIL import Image
 
+from tests.conftest import summary_setup
 from utils.cli.failures import OOM_EXIT_CODE, explain_failures, suggest_memory_flags
 from utils.cli.parse import parse_args
 from utils.cli.summary import build_summary, data_warnings
 from utils.data.common import SFTData, SourceStats
 from utils.engine.accumulation import StepPlan
-from utils.engine.ds_config import EngineSetup
-from utils.model.loss import PLAIN_FP32
 from utils.observe.progress import RunMonitor, load_metrics, open_metrics
 
 
@@ -141,9 +140,9 @@ def test_summary_block_has_the_numbers_a_user_checks(tiny_model_dir):
         "zero_optimization": {"stage": 3},
         "bf16": {"enabled": True},
     }
-    setup = EngineSetup(config=ds_config, world_size=2, dtype_reason="--dtype bf16")
+    setup = summary_setup(ds_config, world_size=2, dtype_reason="--dtype bf16")
     plan = StepPlan(micro_batches_per_epoch=1, accumulation=2, epochs=3)
-    text = build_summary(cfg, sft_data(), (2_000_000, 500_000), setup, plan, PLAIN_FP32)
+    text = build_summary(cfg, sft_data(), (2_000_000, 500_000), setup, plan)
     assert "2.00M total, 500.00K trainable (25.0%)" in text
     assert "Dahoas/rm-static" in text and "7 training tokens" in text
     assert "1 sequences per device x 2 ranks x 2 accumulation = 4 per optimizer step" in text

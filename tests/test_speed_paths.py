@@ -11,6 +11,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma2Config, OPTConfig
 
+from tests.conftest import summary_setup
 from tests.token_loss_worker import PAD, build_model, build_rows
 from utils.cli.parse import parse_args
 from utils.cli.summary import build_summary
@@ -19,6 +20,7 @@ from utils.data.common import SFTData, SourceStats
 from utils.data.config import BatchConfig
 from utils.data.loaders import build_eval_loader, build_train_loader
 from utils.demo.tiny import build_opt_model
+from utils.distributed import DistInfo
 from utils.engine.accumulation import StepPlan
 from utils.engine.checkpoint import build_checkpointer
 from utils.engine.config import CheckpointConfig, TrainConfig
@@ -36,6 +38,8 @@ from utils.observe.throughput import build_meter
 from utils.planner.estimate import plan_memory
 from utils.planner.loss_memory import estimate_loss_memory
 from utils.planner.shape import measure_shape
+
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def loss_path(model, setting="auto", zero_stage=0, compiled=False):
@@ -121,8 +125,8 @@ def test_cpu_bf16_at_zero0_trains_through_autocast_and_the_summary_says_why(tiny
     config = ds_config(0, on_cuda=False)
     assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert not config["bf16"]["enabled"]  # no FP16_UnfusedOptimizer master copies
-    setup = EngineSetup(config=config, world_size=1, dtype_reason="bf16, as --dtype asked")
-    assert setup.dtype == "bf16" and setup.autocast
+    engine = EngineSetup(config=config, dtype_reason="bf16, as --dtype asked")
+    assert engine.dtype == "bf16" and engine.autocast
     # ZeRO 1-3: DeepSpeed's bf16 optimizer partitions its master copy; GPUs: its bf16 mode.
     for zero_stage, on_cuda in ((2, False), (0, True)):
         config = ds_config(zero_stage, on_cuda)
@@ -132,7 +136,8 @@ def test_cpu_bf16_at_zero0_trains_through_autocast_and_the_summary_says_why(tiny
     data = SFTData(Dataset.from_dict(rows), Dataset.from_dict(rows), [SourceStats("d", 1)])
     plan = StepPlan(micro_batches_per_epoch=1, accumulation=1, epochs=1)
     path = loss_path(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
-    text = build_summary(cfg, data, (10, 10), setup, plan, path)
+    setup = summary_setup(engine.config, dtype_reason=engine.dtype_reason, loss=path)
+    text = build_summary(cfg, data, (10, 10), setup, plan)
     assert "ZeRO stage 0, bf16 (bf16, as --dtype asked; via torch.autocast" in text
     assert "loss         chunked (fused," in text
     assert "attention    default" in text
@@ -152,10 +157,10 @@ def test_attention_auto_is_sdpa_on_a_cpu_and_flash_only_for_gpu_packing(tiny_mod
     assert not uses_flat_packs(False, "flash_attention_2")
 
     cfg = parse_args(["--model_name_or_path", str(tiny_model_dir), "--packing", "--dry_run"])
-    setup = validate(cfg)  # on this CPU
+    setup = validate(cfg, CPU)  # on this CPU
     assert setup.attention is None and "default" in setup.attention_reason
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = build_causal_lm(cfg.model, tokenizer, attention=setup.attention)
+    model = build_causal_lm(cfg.model, setup.model_config, tokenizer, attention=setup.attention)
     assert model.config._attn_implementation == "sdpa"
 
 
@@ -165,11 +170,11 @@ def test_validation_refuses_flash_attention_here_and_chunked_loss_with_compile(
     base = ["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "o")]
     flash = parse_args([*base, "--attn_implementation", "flash_attention_2"])
     with pytest.raises(ConfigError, match="flash_attention_2 needs a CUDA GPU and the flash-attn"):
-        validate(flash)
+        validate(flash, CPU)
     both = parse_args([*base, "--chunked_loss", "on", "--compile"])
     with pytest.raises(ConfigError, match="--chunked_loss on and --compile exclude each other"):
-        validate(both)
-    assert validate(parse_args([*base, "--compile"])).config  # auto + compile: the plain loss
+        validate(both, CPU)
+    assert validate(parse_args([*base, "--compile"]), CPU).engine.config  # auto + compile: plain
 
 
 def test_memory_plan_counts_one_chunk_of_logits_with_the_chunked_loss():

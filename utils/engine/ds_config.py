@@ -23,10 +23,7 @@ class EngineSetup:
     """
 
     config: dict
-    world_size: int
     dtype_reason: str  # why this precision (the summary prints it)
-    attention: str | None = None  # --attn_implementation resolved; None: transformers' default
-    attention_reason: str = ""
 
     @property
     def zero_stage(self) -> int:
@@ -162,7 +159,7 @@ BATCH_KEYS = {
 
 
 def setup_problems(
-    setup: EngineSetup, train: TrainConfig, user_file: str | None, on_cuda: bool
+    setup: EngineSetup, train: TrainConfig, world_size: int, user_file: str | None, on_cuda: bool
 ) -> list[str]:
     """What in the merged config (flags, then --deepspeed_config over them) cannot train right.
 
@@ -182,7 +179,7 @@ def setup_problems(
                 f"--deepspeed_config {user_file} sets {key} {config.get(key)}, but {flag} is "
                 f"{flags[key]}; remove the key from the file or pass {flag} {config.get(key)}."
             )
-    expected = train.geometry(setup.world_size).global_batch
+    expected = train.geometry(world_size).global_batch
     if config.get("train_batch_size") != expected:
         problems.append(
             f"--deepspeed_config {user_file} sets train_batch_size {config.get('train_batch_size')}, "

@@ -12,21 +12,21 @@ from dataclasses import asdict, replace
 from transformers import PretrainedConfig
 
 from utils.config import Config
-from utils.engine.ds_config import EngineSetup
 from utils.model.load import load_model_config
 from utils.planner.estimate import GB, plan_memory
 from utils.planner.largest import largest_fitting_model
 from utils.planner.loss_memory import planned_loss_mode
 from utils.planner.shape import measure_shape
+from utils.run_setup import RunSetup
 
 RULE_OF_THUMB_GB_PER_BILLION = 3  # README: GPU GB / 3 = billions of params (ZeRO-3+GC+LoRA)
 
 
-def memory_plan_report(cfg: Config, setup: EngineSetup) -> str:
+def memory_plan_report(cfg: Config, setup: RunSetup) -> str:
     """--estimate_memory's output for this run, at the ZeRO stage and offload DeepSpeed will
     use (a --deepspeed_config may override the flags). The precision stays --dtype ('auto'
     plans 16-bit GPUs): the plan is for the GPUs it describes, not for this machine."""
-    engine = replace(cfg.engine, zero_stage=setup.zero_stage, offload=setup.offload)
+    engine = replace(cfg.engine, zero_stage=setup.engine.zero_stage, offload=setup.engine.offload)
     cfg = replace(cfg, engine=engine)
     return format_memory_plan(estimate_memory(cfg), cfg)
 
