@@ -18,6 +18,7 @@ import deepspeed
 from transformers import set_seed
 
 from utils.cli.failures import explain_failures, quiet_library_noise
+from utils.cli.memory_plan import memory_plan_report
 from utils.cli.parse import parse_args
 from utils.cli.summary import count_tokens, print_run_summary
 from utils.cli.validate import validate
@@ -51,7 +52,6 @@ from utils.model.serving import carry_chat_template
 from utils.model.verify import verify_saved_model
 from utils.observe.progress import build_monitor
 from utils.observe.throughput import build_meter
-from utils.planner.report import memory_plan_report
 from utils.run_setup import RunSetup
 
 

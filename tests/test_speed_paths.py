@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma2Config, OPTC
 
 from tests.conftest import summary_setup
 from tests.token_loss_worker import PAD, build_model, build_rows
+from utils.cli.memory_plan import plan_inputs
 from utils.cli.parse import parse_args
 from utils.cli.summary import build_summary
 from utils.cli.validate import validate
@@ -177,7 +178,14 @@ def test_validation_refuses_flash_attention_here_and_chunked_loss_with_compile(
     assert validate(parse_args([*base, "--compile"]), CPU).engine.config  # auto + compile: plain
 
 
-def test_memory_plan_counts_one_chunk_of_logits_with_the_chunked_loss():
+def planned(config, tmp_path, *flags: str):
+    """--estimate_memory's plan inputs for a config-only model folder and `flags`."""
+    config.save_pretrained(tmp_path)
+    cfg = parse_args(["--model_name_or_path", str(tmp_path), "--estimate_memory", *flags])
+    return plan_inputs(cfg, validate(cfg, CPU))
+
+
+def test_memory_plan_counts_one_chunk_of_logits_with_the_chunked_loss(tmp_path):
     opt = OPTConfig(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32,
                     ffn_dim=8192, word_embed_proj_dim=2048, vocab_size=50272)  # fmt: skip
     shape = measure_shape(opt, LoraConfig())
@@ -190,7 +198,8 @@ def test_memory_plan_counts_one_chunk_of_logits_with_the_chunked_loss():
     fused = estimate_loss_memory(shape, tokens, "bf16", "fused")
     assert fused == recompute + 50272 * 2048 * 2  # the head's gradient, held to the backward
     assert fused < plain / 10
-    args = ["--model_name_or_path", "x", "--zero_stage", "2", "--per_device_train_batch_size", "16"]
-    on, off = parse_args(args), parse_args([*args, "--chunked_loss", "off"])
+    args = ["--zero_stage", "2", "--per_device_train_batch_size", "16"]
+    on, off = planned(opt, tmp_path, *args), planned(opt, tmp_path, *args, "--chunked_loss", "off")
     assert plan_memory(shape, off).activations - plan_memory(shape, on).activations == plain - fused
-    assert not measure_shape(Gemma2Config(num_hidden_layers=2), LoraConfig()).chunked_loss_exact
+    gemma2 = planned(Gemma2Config(num_hidden_layers=2), tmp_path / "gemma2")
+    assert gemma2.loss_mode == "plain"  # it soft-caps its logits: the chunked loss would differ

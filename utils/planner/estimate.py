@@ -11,17 +11,30 @@ DeepSpeed does not estimate. Sizes are in GB of 2**30 bytes, as DeepSpeed prints
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from utils.config import Config
 from utils.engine.config import EngineConfig
 from utils.model.config import LoraConfig
 from utils.planner.config import PlannerConfig
-from utils.planner.loss_memory import estimate_loss_memory, planned_loss_mode
+from utils.planner.loss_memory import estimate_loss_memory
 from utils.planner.shape import ModelShape
 
 GB = 2**30
 BUFFER_FACTOR = 1.5  # DeepSpeed's default `additional_buffer_factor` for host memory
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What a run's memory depends on besides the model's shape (utils/cli/memory_plan.py
+    fills it from the flags and the resolved setup)."""
+
+    engine: EngineConfig  # the precision the GPUs train in; the merged config's stage, offload
+    lora: LoraConfig
+    planner: PlannerConfig
+    micro_batch: int  # sequences per GPU (--per_device_train_batch_size)
+    seq_len: int  # tokens per sequence (--max_seq_len)
+    checkpointing: bool  # --gradient_checkpointing
+    loss_mode: str  # "plain", or the chunked loss's "fused" or "recompute"
 
 
 @dataclass(frozen=True)
@@ -165,18 +178,15 @@ class MemoryPlan:
         return self.states.total + self.activations
 
 
-def plan_memory(shape: ModelShape, cfg: Config) -> MemoryPlan:
-    engine = cfg.engine
-    if engine.dtype == "auto":
-        engine = replace(engine, dtype="bf16")  # GPUs train in 16 bits under "auto"
-    states = estimate_model_states(shape, cfg.lora, engine, cfg.planner)
+def plan_memory(shape: ModelShape, inputs: PlanInputs) -> MemoryPlan:
+    states = estimate_model_states(shape, inputs.lora, inputs.engine, inputs.planner)
     activations = estimate_activations(
         shape,
-        cfg.train.per_device_train_batch_size,
-        cfg.data.max_seq_len,
-        cfg.model.gradient_checkpointing,
-        cfg.lora,
-        engine.dtype,
-        loss_mode=planned_loss_mode(shape, cfg, engine.zero_stage),
+        inputs.micro_batch,
+        inputs.seq_len,
+        inputs.checkpointing,
+        inputs.lora,
+        inputs.engine.dtype,
+        loss_mode=inputs.loss_mode,
     )
     return MemoryPlan(shape, states, activations)

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from utils.model.chunked_loss import chunked_loss_config_problem
 from utils.model.config import LoraConfig
 from utils.model.lora import resolve_lora_targets
 
@@ -34,7 +33,6 @@ class ModelShape:
     ffn: int
     vocab: int
     gated_mlp: bool
-    chunked_loss_exact: bool  # logits are head(hidden states): the chunked loss applies
 
 
 def _ffn_size(config: PretrainedConfig) -> int:
@@ -83,5 +81,4 @@ def measure_shape(config: PretrainedConfig, lora: LoraConfig) -> ModelShape:
         ffn=_ffn_size(config),
         vocab=config.vocab_size,
         gated_mlp=any(n.endswith("gate_proj") for n, _ in one_layer.named_modules()),
-        chunked_loss_exact=chunked_loss_config_problem(config) is None,
     )
