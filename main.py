@@ -56,41 +56,47 @@ from utils.run_setup import RunSetup
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_args(argv)
-        quiet_library_noise(is_main_process(), interactive=sys.stdout.isatty())
-        dist = init_distributed(cfg.engine.local_rank, cfg.engine.dist_timeout_minutes)
-        setup = validate(cfg, dist)  # everything start-up decides, each thing once
-        if cfg.planner.estimate_memory:  # from the model's config alone: no data, no weights
-            print_rank_0(memory_plan_report(cfg, setup))
+    cfg = setup = None
+    # An error ends the run naming this rank; out of memory, with the flags that would fit,
+    # judged by the resolved setup once there is one (read when the error happens).
+    with explain_failures(lambda: (cfg, setup)):
+        try:
+            cfg = parse_args(argv)
+            quiet_library_noise(is_main_process(), interactive=sys.stdout.isatty())
+            dist = init_distributed(cfg.engine.local_rank, cfg.engine.dist_timeout_minutes)
+            setup = validate(cfg, dist)  # everything start-up decides, each thing once
+            if cfg.planner.estimate_memory:  # from the model's config alone: no data, no weights
+                print_rank_0(memory_plan_report(cfg, setup))
+                return 0
+            set_seed(cfg.data.seed)
+            with rank_zero_first("build the data cache"):  # the others then read the cache
+                data = build_sft_data(cfg.data, setup.tokenizer, setup.template)
+            check_trained_tokens(data, cfg.batch.loss_on, cfg.data.max_seq_len)
+            train_loader, eval_loader = build_loaders(cfg, data, setup, dist)
+            plan = build_step_plan(cfg, train_loader)
+            if cfg.train.dry_run:
+                return dry_run(cfg, data, setup, plan)
+            prepare_output_dir(cfg.train.output_dir, dist)
+            # Before the model loads: a checkpoint this run cannot continue is refused cheaply.
+            checkpointer = build_checkpointer(
+                cfg.checkpoint, cfg.train.output_dir, recorded_settings(cfg, data, setup), dist
+            )
+            model = load_model(cfg, setup)
+            check_disk_space(model, cfg.train.output_dir, "Nothing has been trained yet.")
+            print_run_summary(cfg, data, count_parameters(model), setup, plan)
+            engine = build_engine(cfg, model, checkpointer.engine_setup(model, setup.engine), plan)
+            checkpointer.resume(engine)
+            loop = build_loop(
+                cfg, engine, train_loader, eval_loader, dist, plan, checkpointer, setup
+            )
+            train(loop, cfg.train)
+            if checkpointer.preempted:
+                return PREEMPTED_EXIT
+            save_model(cfg, engine, setup, eval_loader, dist, checkpointer)
             return 0
-        set_seed(cfg.data.seed)
-        with rank_zero_first("build the data cache"):  # the others then read the cache
-            data = build_sft_data(cfg.data, setup.tokenizer, setup.template)
-        check_trained_tokens(data, cfg.batch.loss_on, cfg.data.max_seq_len)
-        train_loader, eval_loader = build_loaders(cfg, data, setup, dist)
-        plan = build_step_plan(cfg, train_loader)
-        if cfg.train.dry_run:
-            return dry_run(cfg, data, setup, plan)
-        prepare_output_dir(cfg.train.output_dir, dist)
-        # Before the model loads: a checkpoint this run cannot continue is refused cheaply.
-        checkpointer = build_checkpointer(
-            cfg.checkpoint, cfg.train.output_dir, recorded_settings(cfg, data, setup), dist
-        )
-        model = load_model(cfg, setup)
-        check_disk_space(model, cfg.train.output_dir, "Nothing has been trained yet.")
-        print_run_summary(cfg, data, count_parameters(model), setup, plan)
-        engine = build_engine(cfg, model, checkpointer.engine_setup(model, setup.engine), plan)
-        checkpointer.resume(engine)
-        loop = build_loop(cfg, engine, train_loader, eval_loader, dist, plan, checkpointer, setup)
-        train(loop, cfg.train)
-        if checkpointer.preempted:
-            return PREEMPTED_EXIT
-        save_model(cfg, engine, setup, eval_loader, dist, checkpointer)
-        return 0
-    except UserError as err:  # a mistake the user can fix: one message, no traceback
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+        except UserError as err:  # a mistake the user can fix: one message, no traceback
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            return 2
 
 
 def build_loaders(cfg: Config, data: SFTData, setup: RunSetup, dist: DistInfo):
@@ -261,5 +267,4 @@ def dry_run(cfg: Config, data: SFTData, setup: RunSetup, plan: StepPlan) -> int:
 
 
 if __name__ == "__main__":
-    with explain_failures(lambda: parse_args(sys.argv[1:])):
-        sys.exit(main())
+    sys.exit(main())

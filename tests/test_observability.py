@@ -164,7 +164,7 @@ def test_warnings_for_minority_split_truncated_and_skipped_rows(tiny_model_dir):
 
 def test_memory_suggestions_follow_the_flags_in_use():
     cfg = parse_args(["--model_name_or_path", "m", "--per_device_train_batch_size", "8"])
-    flags = " ".join(suggest_memory_flags(cfg))
+    flags = " ".join(suggest_memory_flags(cfg, None))
     for flag in ("--gradient_checkpointing", "--zero_stage 3", "--offload"):
         assert flag in flags
     assert "--per_device_train_batch_size 4 --gradient_accumulation_steps 2" in flags
@@ -172,8 +172,8 @@ def test_memory_suggestions_follow_the_flags_in_use():
     cfg = parse_args(
         ["--model_name_or_path", "m", "--per_device_train_batch_size", "1", *everything]
     )
-    assert suggest_memory_flags(cfg) == []
-    assert suggest_memory_flags(cfg, cpu=True) == [
+    assert suggest_memory_flags(cfg, None) == []
+    assert suggest_memory_flags(cfg, None, cpu=True) == [
         "no --offload (it keeps optimizer states in CPU memory)"
     ]
 
@@ -190,7 +190,7 @@ def test_memory_suggestions_follow_the_flags_in_use():
 def test_out_of_memory_ends_with_the_flags_that_would_fit(capsys, error):
     with (
         pytest.raises(SystemExit) as exit_info,
-        explain_failures(lambda: parse_args(["--model_name_or_path", "m"])),
+        explain_failures(lambda: (parse_args(["--model_name_or_path", "m"]), None)),
     ):
         raise error
     assert exit_info.value.code == OOM_EXIT_CODE
@@ -200,6 +200,6 @@ def test_out_of_memory_ends_with_the_flags_that_would_fit(capsys, error):
 
 def test_a_failing_rank_names_itself_on_stderr(capsys, monkeypatch):
     monkeypatch.setenv("RANK", "1")
-    with pytest.raises(ValueError), explain_failures(lambda: parse_args([])):
+    with pytest.raises(ValueError), explain_failures(lambda: (None, None)):
         raise ValueError("bad batch")
     assert "[rank 1 on " in capsys.readouterr().err
