@@ -15,6 +15,7 @@ import json
 import sys
 
 import deepspeed
+from torch.utils.data import DataLoader
 from transformers import set_seed
 
 from utils.cli.failures import explain_failures, quiet_library_noise
@@ -35,7 +36,7 @@ from utils.distributed import (
     rank_zero_first,
 )
 from utils.engine.accumulation import StepPlan
-from utils.engine.checkpoint import build_checkpointer
+from utils.engine.checkpoint import Checkpointer, build_checkpointer
 from utils.engine.ds_config import EngineSetup
 from utils.engine.loop import TrainLoop, train
 from utils.engine.optim import build_optimizer, build_param_groups, build_scheduler
@@ -84,15 +85,12 @@ def main(argv: list[str] | None = None) -> int:
             model = load_model(cfg, setup)
             check_disk_space(model, cfg.train.output_dir, "Nothing has been trained yet.")
             print_run_summary(cfg, data, count_parameters(model), setup, plan)
-            engine = build_engine(cfg, model, checkpointer.engine_setup(model, setup.engine), plan)
-            checkpointer.resume(engine)
             loop = build_loop(
-                cfg, engine, train_loader, eval_loader, dist, plan, checkpointer, setup
+                cfg, setup, model, train_loader, eval_loader, plan, checkpointer, dist
             )
-            train(loop, cfg.train)
-            if checkpointer.preempted:
+            if train(loop, cfg.train).preempted:  # its checkpoint is written: resume it later
                 return PREEMPTED_EXIT
-            save_model(cfg, engine, setup, eval_loader, dist, checkpointer)
+            save_model(cfg, setup, loop)
             return 0
         except UserError as err:  # a mistake the user can fix: one message, no traceback
             print(f"error: {err}", file=sys.stderr, flush=True)
@@ -171,15 +169,19 @@ def build_engine(cfg: Config, model, setup: EngineSetup, plan: StepPlan):
 
 def build_loop(
     cfg: Config,
-    engine,
-    train_loader,
-    eval_loader,
-    dist: DistInfo,
-    plan: StepPlan,
-    checkpointer,
     setup: RunSetup,
+    model,
+    train_loader: DataLoader,
+    eval_loader: DataLoader,
+    plan: StepPlan,
+    checkpointer: Checkpointer,
+    dist: DistInfo,
 ) -> TrainLoop:
-    """The engine, its data, and the monitor, meter and checkpointer that watch the loop."""
+    """The engine around the model, resumed where the checkpointer says (it vets the model
+    and picks the engine's loading first), with its data and the monitor, meter and
+    checkpointer that watch the loop."""
+    engine = build_engine(cfg, model, checkpointer.engine_setup(model, setup.engine), plan)
+    checkpointer.resume(engine)
     return TrainLoop(
         engine=engine,
         train_loader=train_loader,
@@ -203,26 +205,25 @@ def prepare_output_dir(output_dir: str, dist: DistInfo) -> None:
             print_rank_0(note)
 
 
-def save_model(
-    cfg: Config,
-    engine,
-    setup: RunSetup,
-    eval_loader,
-    dist: DistInfo,
-    checkpointer,
-) -> None:
-    """Write the Hugging Face folder (and the LoRA adapter if asked), then prove it reloads.
+def save_model(cfg: Config, setup: RunSetup, loop: TrainLoop) -> None:
+    """Write the Hugging Face folder of what the loop trained (and the LoRA adapter if
+    asked), then prove it reloads. If the write fails, the loop's checkpointer says where
+    the trained state survives.
 
     With a chat template the folder carries it, and generation stops at its end of turn.
     """
-    output_dir, zero_stage = cfg.train.output_dir, engine.zero_optimization_stage()
+    engine, output_dir = loop.engine, cfg.train.output_dir
     carry_chat_template(engine.module, setup.tokenizer, setup.template)
-    advice = checkpointer.advice_after_failed_save(engine.global_steps)
     save_hf_model(
-        engine.module, setup.tokenizer, output_dir, zero_stage, cfg.lora.save_lora_adapter, advice
+        engine.module,
+        setup.tokenizer,
+        output_dir,
+        engine.zero_optimization_stage(),
+        cfg.lora.save_lora_adapter,
+        loop.checkpointer.advice_after_failed_save(engine.global_steps),
     )
     print_rank_0(f"saved the fine-tuned model to {output_dir}")
-    verify_saved_model(engine, output_dir, eval_loader, dist, cfg.model.trust_remote_code)
+    verify_saved_model(engine, output_dir, loop.eval_loader, loop.dist, cfg.model.trust_remote_code)
 
 
 def dry_run(cfg: Config, data: SFTData, setup: RunSetup, plan: StepPlan) -> int:

@@ -107,7 +107,7 @@ def test_the_loop_trains_and_evaluates_with_the_chunked_loss_and_logs_the_plain_
         meter=build_meter(engine, False, None, dist), checkpointer=checkpointer,
         loss=loss_path(model),
     )  # fmt: skip
-    results = train(loop, TrainConfig(gradient_accumulation_steps=2))
+    results = train(loop, TrainConfig(gradient_accumulation_steps=2)).evals
     assert plan.total_steps == 1 and engine.global_steps == 1
     assert head_outputs and all(shape == () for shape in head_outputs)  # a loss, never logits
     (logged,) = [r for r in load_metrics(str(tmp_path / "metrics.jsonl")) if r["type"] == "train"]
