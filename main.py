@@ -141,13 +141,15 @@ def recorded_settings(cfg: Config, data: SFTData, setup: RunSetup) -> dict:
     )
 
 
-def load_model(cfg: Config, setup: RunSetup):
-    """The model to train: its weights, the attention start-up resolved, LoRA if asked."""
+def load_model(cfg: Config, setup: RunSetup, on_meta: bool = False):
+    """The model to train, with the attention start-up resolved and LoRA if asked; `on_meta`:
+    its architecture only, no weights read (a dry run)."""
     model = build_model(
         cfg.model,
         setup.model_config,
         setup.tokenizer,
         setup.engine.config,
+        on_meta=on_meta,
         attention=setup.attention,
     )
     return apply_lora(model, cfg.lora)
@@ -228,15 +230,7 @@ def save_model(cfg: Config, setup: RunSetup, loop: TrainLoop) -> None:
 
 def dry_run(cfg: Config, data: SFTData, setup: RunSetup, plan: StepPlan) -> int:
     """Print what a run would do as one JSON line (the last line of stdout); train nothing."""
-    model = build_model(
-        cfg.model,
-        setup.model_config,
-        setup.tokenizer,
-        setup.engine.config,
-        on_meta=True,
-        attention=setup.attention,
-    )
-    model = apply_lora(model, cfg.lora)
+    model = load_model(cfg, setup, on_meta=True)
     total, trainable = count_parameters(model)
     print_run_summary(cfg, data, (total, trainable), setup, plan)
     summary = {
