@@ -15,15 +15,16 @@ import json
 import sys
 
 import deepspeed
+from torch.utils.data import DataLoader
 from transformers import set_seed
 
 from utils.cli.failures import explain_failures, quiet_library_noise
+from utils.cli.memory_plan import memory_plan_report
 from utils.cli.parse import parse_args
 from utils.cli.summary import count_tokens, print_run_summary
 from utils.cli.validate import validate
 from utils.config import Config
 from utils.data.build import build_sft_data
-from utils.data.chat import ChatTemplate, load_chat_template
 from utils.data.common import SFTData
 from utils.data.labels import check_trained_tokens
 from utils.data.loaders import build_eval_loader, build_train_loader
@@ -36,7 +37,7 @@ from utils.distributed import (
     rank_zero_first,
 )
 from utils.engine.accumulation import StepPlan
-from utils.engine.checkpoint import build_checkpointer
+from utils.engine.checkpoint import Checkpointer, build_checkpointer
 from utils.engine.ds_config import EngineSetup
 from utils.engine.loop import TrainLoop, train
 from utils.engine.optim import build_optimizer, build_param_groups, build_scheduler
@@ -44,75 +45,73 @@ from utils.engine.precision import TORCH_DTYPES
 from utils.engine.preemption import PREEMPTED_EXIT
 from utils.engine.run_settings import run_settings
 from utils.errors import UserError
-from utils.model.load import build_model, count_parameters, load_tokenizer
+from utils.model.load import build_model, count_parameters
 from utils.model.lora import apply_lora
-from utils.model.loss import LossPath, choose_loss_path
 from utils.model.publish import recover_interrupted_save
 from utils.model.save import check_disk_space, save_hf_model
 from utils.model.serving import carry_chat_template
 from utils.model.verify import verify_saved_model
 from utils.observe.progress import build_monitor
 from utils.observe.throughput import build_meter
-from utils.planner.report import memory_plan_report
+from utils.run_setup import RunSetup
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_args(argv)
-        quiet_library_noise(is_main_process(), interactive=sys.stdout.isatty())
-        setup = validate(cfg)
-        if cfg.planner.estimate_memory:  # from the model's config alone: no data, no weights
-            print_rank_0(memory_plan_report(cfg, setup))
+    cfg = setup = None
+    # An error ends the run naming this rank; out of memory, with the flags that would fit,
+    # judged by the resolved setup once there is one (read when the error happens).
+    with explain_failures(lambda: (cfg, setup)):
+        try:
+            cfg = parse_args(argv)
+            quiet_library_noise(is_main_process(), interactive=sys.stdout.isatty())
+            dist = init_distributed(cfg.engine.local_rank, cfg.engine.dist_timeout_minutes)
+            setup = validate(cfg, dist)  # everything start-up decides, each thing once
+            if cfg.planner.estimate_memory:  # from the model's config alone: no data, no weights
+                print_rank_0(memory_plan_report(cfg, setup))
+                return 0
+            set_seed(cfg.data.seed)
+            with rank_zero_first("build the data cache"):  # the others then read the cache
+                data = build_sft_data(cfg.data, setup.tokenizer, setup.template)
+            check_trained_tokens(data, cfg.batch.loss_on, cfg.data.max_seq_len)
+            train_loader, eval_loader = build_loaders(cfg, data, setup, dist)
+            plan = build_step_plan(cfg, train_loader)
+            if cfg.train.dry_run:
+                return dry_run(cfg, data, setup, plan)
+            prepare_output_dir(cfg.train.output_dir, dist)
+            # Before the model loads: a checkpoint this run cannot continue is refused cheaply.
+            checkpointer = build_checkpointer(
+                cfg.checkpoint,
+                cfg.train.output_dir,
+                recorded_settings(cfg, data, setup),
+                dist,
+                planned_model=lambda: load_model(cfg, setup, on_meta=True),
+            )
+            model = load_model(cfg, setup)
+            check_disk_space(model, cfg.train.output_dir, "Nothing has been trained yet.")
+            print_run_summary(cfg, data, count_parameters(model), setup, plan)
+            loop = build_loop(
+                cfg, setup, model, train_loader, eval_loader, plan, checkpointer, dist
+            )
+            if train(loop, cfg.train).preempted:  # its checkpoint is written: resume it later
+                return PREEMPTED_EXIT
+            save_model(cfg, setup, loop)
             return 0
-        dist = init_distributed(cfg.engine.local_rank, cfg.engine.dist_timeout_minutes)
-        set_seed(cfg.data.seed)
-        tokenizer = load_tokenizer(cfg.model, cfg.data.added_token)
-        template = load_chat_template(cfg.data.chat_template, tokenizer)  # None: dschat
-        with rank_zero_first("build the data cache"):  # the others then read the cache
-            data = build_sft_data(cfg.data, tokenizer)
-        check_trained_tokens(data, cfg.batch.loss_on, cfg.data.max_seq_len)
-        train_loader, eval_loader = build_loaders(cfg, data, tokenizer, dist, setup)
-        plan = build_step_plan(cfg, train_loader)
-        if cfg.train.dry_run:
-            return dry_run(cfg, tokenizer, data, setup, plan, dist)
-        prepare_output_dir(cfg.train.output_dir, dist)
-        # Before the model loads: a checkpoint this run cannot continue is refused cheaply.
-        checkpointer = build_checkpointer(
-            cfg.checkpoint,
-            cfg.train.output_dir,
-            recorded_settings(cfg, data, dist),
-            dist,
-            planned_model=lambda: build_meta_model(cfg, tokenizer, setup),
-        )
-        model = build_model(cfg.model, tokenizer, setup.config, attention=setup.attention)
-        model = apply_lora(model, cfg.lora)
-        check_disk_space(model, cfg.train.output_dir, "Nothing has been trained yet.")
-        loss = choose_loss(cfg, model, setup, dist)
-        print_run_summary(cfg, data, count_parameters(model), setup, plan, loss)
-        engine = build_engine(cfg, model, checkpointer.engine_setup(model, setup), plan)
-        checkpointer.resume(engine)
-        loop = build_loop(cfg, engine, train_loader, eval_loader, dist, plan, checkpointer, loss)
-        train(loop, cfg.train)
-        if checkpointer.preempted:
-            return PREEMPTED_EXIT
-        save_model(cfg, engine, tokenizer, template, eval_loader, dist, checkpointer)
-        return 0
-    except UserError as err:  # a mistake the user can fix: one message, no traceback
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+        except UserError as err:  # a mistake the user can fix: one message, no traceback
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            return 2
 
 
-def build_loaders(cfg: Config, data: SFTData, tokenizer, dist: DistInfo, setup: EngineSetup):
+def build_loaders(cfg: Config, data: SFTData, setup: RunSetup, dist: DistInfo):
     """This rank's training micro-batches and its share of the eval rows."""
-    geometry = {"pad_token_id": tokenizer.pad_token_id, "rank": dist.rank}
+    geometry = {"pad_token_id": setup.tokenizer.pad_token_id, "rank": dist.rank}
     geometry["world_size"] = dist.world_size
     train_loader = build_train_loader(
         data.train,
         cfg.batch,
-        micro_batch=setup.config["train_micro_batch_size_per_gpu"],
+        micro_batch=setup.engine.config["train_micro_batch_size_per_gpu"],
         max_seq_len=cfg.data.max_seq_len,
         seed=cfg.data.seed,
-        mask_dtype=TORCH_DTYPES[setup.dtype],
+        mask_dtype=TORCH_DTYPES[setup.engine.dtype],
         pack_layout=pack_layout(setup.attention),
         on_gpu=dist.device.type == "cuda",
         **geometry,
@@ -139,23 +138,25 @@ def build_step_plan(cfg: Config, train_loader) -> StepPlan:
     return plan
 
 
-def choose_loss(cfg: Config, model, setup: EngineSetup, dist: DistInfo) -> LossPath:
-    """Chunked or plain loss, once for the whole run (the summary says which and why)."""
-    return choose_loss_path(
-        model,
-        cfg.model.chunked_loss,
-        zero_stage=setup.zero_stage,
-        device_type=dist.device.type,
-        fp32=cfg.model.compute_fp32_loss,
-        compiled=cfg.model.compile,
-    )
-
-
-def recorded_settings(cfg: Config, data: SFTData, dist: DistInfo) -> dict:
+def recorded_settings(cfg: Config, data: SFTData, setup: RunSetup) -> dict:
     """What decides this run's data, order and schedule (checkpoints record it)."""
     return run_settings(
-        cfg.data, cfg.batch, cfg.train, cfg.lora, data.cache_key, world_size=dist.world_size
+        cfg.data, cfg.batch, cfg.train, cfg.lora, data.cache_key, world_size=setup.world_size
     )
+
+
+def load_model(cfg: Config, setup: RunSetup, on_meta: bool = False):
+    """The model to train, with the attention start-up resolved and LoRA if asked; `on_meta`:
+    its architecture only, no weights read (a dry run)."""
+    model = build_model(
+        cfg.model,
+        setup.model_config,
+        setup.tokenizer,
+        setup.engine.config,
+        on_meta=on_meta,
+        attention=setup.attention,
+    )
+    return apply_lora(model, cfg.lora)
 
 
 def build_engine(cfg: Config, model, setup: EngineSetup, plan: StepPlan):
@@ -174,15 +175,19 @@ def build_engine(cfg: Config, model, setup: EngineSetup, plan: StepPlan):
 
 def build_loop(
     cfg: Config,
-    engine,
-    train_loader,
-    eval_loader,
-    dist: DistInfo,
+    setup: RunSetup,
+    model,
+    train_loader: DataLoader,
+    eval_loader: DataLoader,
     plan: StepPlan,
-    checkpointer,
-    loss: LossPath,
+    checkpointer: Checkpointer,
+    dist: DistInfo,
 ) -> TrainLoop:
-    """The engine, its data, and the monitor, meter and checkpointer that watch the loop."""
+    """The engine around the model, resumed where the checkpointer says (it vets the model
+    and picks the engine's loading first), with its data and the monitor, meter and
+    checkpointer that watch the loop."""
+    engine = build_engine(cfg, model, checkpointer.engine_setup(model, setup.engine), plan)
+    checkpointer.resume(engine)
     return TrainLoop(
         engine=engine,
         train_loader=train_loader,
@@ -194,7 +199,7 @@ def build_loop(
         ),
         meter=build_meter(engine, cfg.model.gradient_checkpointing, cfg.observe.peak_tflops, dist),
         checkpointer=checkpointer,
-        loss=loss,
+        loss=setup.loss,
     )
 
 
@@ -206,49 +211,33 @@ def prepare_output_dir(output_dir: str, dist: DistInfo) -> None:
             print_rank_0(note)
 
 
-def save_model(
-    cfg: Config,
-    engine,
-    tokenizer,
-    template: ChatTemplate | None,
-    eval_loader,
-    dist: DistInfo,
-    checkpointer,
-) -> None:
-    """Write the Hugging Face folder (and the LoRA adapter if asked), then prove it reloads.
+def save_model(cfg: Config, setup: RunSetup, loop: TrainLoop) -> None:
+    """Write the Hugging Face folder of what the loop trained (and the LoRA adapter if
+    asked), then prove it reloads. If the write fails, the loop's checkpointer says where
+    the trained state survives.
 
     With a chat template the folder carries it, and generation stops at its end of turn.
     """
-    output_dir, zero_stage = cfg.train.output_dir, engine.zero_optimization_stage()
-    carry_chat_template(engine.module, tokenizer, template)
-    advice = checkpointer.advice_after_failed_save(engine.global_steps)
+    engine, output_dir = loop.engine, cfg.train.output_dir
+    carry_chat_template(engine.module, setup.tokenizer, setup.template)
     save_hf_model(
         engine.module,
-        tokenizer,
+        setup.tokenizer,
         output_dir,
-        zero_stage,
+        engine.zero_optimization_stage(),
         cfg.lora.save_lora_adapter,
-        advice,
+        loop.checkpointer.advice_after_failed_save(engine.global_steps),
         wait_minutes=cfg.checkpoint.disk_full_wait_minutes,
     )
     print_rank_0(f"saved the fine-tuned model to {output_dir}")
-    verify_saved_model(engine, output_dir, eval_loader, dist, cfg.model.trust_remote_code)
+    verify_saved_model(engine, output_dir, loop.eval_loader, loop.dist, cfg.model.trust_remote_code)
 
 
-def build_meta_model(cfg: Config, tokenizer, setup: EngineSetup):
-    """The model this run trains, on the meta device: its shapes, no weights read."""
-    model = build_model(cfg.model, tokenizer, setup.config, on_meta=True, attention=setup.attention)
-    return apply_lora(model, cfg.lora)
-
-
-def dry_run(
-    cfg: Config, tokenizer, data: SFTData, setup: EngineSetup, plan: StepPlan, dist: DistInfo
-) -> int:
+def dry_run(cfg: Config, data: SFTData, setup: RunSetup, plan: StepPlan) -> int:
     """Print what a run would do as one JSON line (the last line of stdout); train nothing."""
-    model = build_meta_model(cfg, tokenizer, setup)
+    model = load_model(cfg, setup, on_meta=True)
     total, trainable = count_parameters(model)
-    loss = choose_loss(cfg, model, setup, dist)
-    print_run_summary(cfg, data, (total, trainable), setup, plan, loss)
+    print_run_summary(cfg, data, (total, trainable), setup, plan)
     summary = {
         "train_rows": len(data.train),
         "eval_rows": len(data.eval),
@@ -269,14 +258,13 @@ def dry_run(
         ],
         "parameters": total,
         "trainable_parameters": trainable,
-        "loss": "chunked" if loss.chunked else "plain",
+        "loss": "chunked" if setup.loss.chunked else "plain",
         "attention": model.config._attn_implementation,
-        "deepspeed_config": setup.config,
+        "deepspeed_config": setup.engine.config,
     }
     print_rank_0(json.dumps(summary))
     return 0
 
 
 if __name__ == "__main__":
-    with explain_failures(lambda: parse_args(sys.argv[1:])):
-        sys.exit(main())
+    sys.exit(main())

@@ -151,15 +151,19 @@ def evaluate_model(
             model, tokenizer, prompts, cfg.decoding, stop, add_special_tokens=False
         )
     perplexity = (
-        evaluate_perplexity(model, tokenizer, cfg) if cfg.perplexity.eval_data_path else None
+        evaluate_perplexity(model, tokenizer, template, cfg)
+        if cfg.perplexity.eval_data_path
+        else None
     )
     return answers, perplexity
 
 
-def evaluate_perplexity(model, tokenizer, cfg: PromptEvalConfig) -> tuple[float, int]:
+def evaluate_perplexity(
+    model, tokenizer, template: ChatTemplate | None, cfg: PromptEvalConfig
+) -> tuple[float, int]:
     """Perplexity of `model` on --eval_data_path's evaluation rows, and how many rows: the
     rows and labels come from training's data code, through the same template."""
-    rows = load_eval_rows(cfg.eval_data(), tokenizer, cfg.perplexity.max_eval_rows)
+    rows = load_eval_rows(cfg.eval_data(), tokenizer, template, cfg.perplexity.max_eval_rows)
     ppl = compute_perplexity(
         model,
         rows,

@@ -121,10 +121,10 @@ def main() -> None:
         )
 
         start = time.perf_counter()
-        data = build_sft_data(cfg, tokenizer)
+        data = build_sft_data(cfg, tokenizer, None)
         cold = time.perf_counter() - start
         start = time.perf_counter()
-        hit = build_sft_data(cfg, tokenizer)
+        hit = build_sft_data(cfg, tokenizer, None)
         warm = time.perf_counter() - start
         assert len(hit.train) == len(data.train)
 

@@ -55,11 +55,12 @@ from utils.data.build import build_sft_data
 from utils.data.config import BatchConfig, DataConfig
 from utils.data.loaders import build_eval_loader, build_train_loader
 from utils.distributed import init_distributed
-from utils.engine.accumulation import DataPosition, StepPlan
+from utils.engine.accumulation import StepPlan
 from utils.engine.checkpoint import build_checkpointer
 from utils.engine.config import CheckpointConfig, EngineConfig, TrainConfig
 from utils.engine.ds_config import build_ds_config
 from utils.engine.loop import EvalResult, TrainLoop, evaluate, train
+from utils.engine.position import DataPosition
 from utils.engine.precision import TORCH_DTYPES, cpu_bf16_capability
 from utils.model.loss import choose_loss_path
 from utils.observe.config import ObserveConfig
@@ -259,7 +260,7 @@ def load_data(args, work: str):
         data_output_path=os.path.join(work, "cache"),
         max_seq_len=args.max_seq_len,
     )
-    return tokenizer, build_sft_data(cfg, tokenizer)
+    return tokenizer, build_sft_data(cfg, tokenizer, None)
 
 
 def main() -> None:

@@ -76,3 +76,24 @@ class EngineStub(torch.nn.Module):
 
     def zero_optimization_stage(self) -> int:
         return 0
+
+
+def summary_setup(
+    ds_config: dict, *, world_size: int = 1, dtype_reason: str = "--dtype fp32", loss=None
+):
+    """A RunSetup with what the run summary reads: the merged DeepSpeed config, the world
+    size and the loss path (the plain fp32 loss unless `loss` says otherwise)."""
+    from utils.engine.ds_config import EngineSetup
+    from utils.model.loss import PLAIN_FP32
+    from utils.run_setup import RunSetup
+
+    return RunSetup(
+        engine=EngineSetup(config=ds_config, dtype_reason=dtype_reason),
+        attention=None,
+        attention_reason="",
+        loss=loss or PLAIN_FP32,
+        model_config=None,
+        tokenizer=None,
+        template=None,
+        world_size=world_size,
+    )

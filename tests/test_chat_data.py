@@ -8,11 +8,12 @@ from collections import Counter
 import pytest
 import torch
 
-from tests.conftest import CORPUS
+from tests.conftest import CORPUS, summary_setup
 from tests.test_chat_template import DROPS_REASONING
 from utils.cli.parse import parse_args
 from utils.cli.summary import build_summary, data_warnings
 from utils.data.build import build_sft_data
+from utils.data.chat import load_chat_template
 from utils.data.common import IGNORE_INDEX
 from utils.data.config import BatchConfig, DataConfig
 from utils.data.labels import build_labels, trained_tokens
@@ -20,8 +21,6 @@ from utils.data.loaders import build_train_loader
 from utils.demo.chat_data import TEMPLATE_PATH, add_chat_tokens, build_chat_rows
 from utils.demo.tiny import build_tokenizer
 from utils.engine.accumulation import StepPlan
-from utils.engine.ds_config import EngineSetup
-from utils.model.loss import PLAIN_FP32
 
 CHATML = str(TEMPLATE_PATH)
 
@@ -55,6 +54,11 @@ def config(tmp_path, data_path: str, **kw) -> DataConfig:
     )
 
 
+def build(cfg: DataConfig, tok):
+    """build_sft_data with the --chat_template as start-up loads it."""
+    return build_sft_data(cfg, tok, load_chat_template(cfg.chat_template, tok))
+
+
 def spans_text(tok, row: dict) -> list[str]:
     return [tok.decode(row["input_ids"][s:e]) for s, e in row["loss_spans"]]
 
@@ -79,7 +83,7 @@ def test_bad_conversations_are_skipped_and_counted_by_reason(tmp_path, tok):
     ]
     src = write_split(tmp_path / "src", "train.jsonl", [GOOD, *bad])
     write_split(tmp_path / "src", "eval.jsonl", [GOOD])
-    data = build_sft_data(config(tmp_path, src), tok)
+    data = build(config(tmp_path, src), tok)
 
     assert len(data.train) == 1 and len(data.eval) == 1
     assert spans_text(tok, data.train[0]) == [
@@ -106,7 +110,7 @@ def test_rows_the_template_cannot_split_are_skipped_and_counted(tmp_path, tok):
     write_split(tmp_path / "src", "eval.jsonl", [GOOD])
     template = tmp_path / "qwen3-like.jinja"
     template.write_text(DROPS_REASONING)
-    data = build_sft_data(config(tmp_path, src, chat_template=str(template)), tok)
+    data = build(config(tmp_path, src, chat_template=str(template)), tok)
     assert len(data.train) == 1
     assert data.sources[0].skip_reasons == {"template cannot be split": 1}
     assert (
@@ -119,7 +123,7 @@ def test_a_source_whose_every_row_is_skipped_fails_with_the_reasons(tmp_path, to
     src = write_split(tmp_path / "src", "train.jsonl", [{"messages": [user("Hello?")]}] * 3)
     write_split(tmp_path / "src", "eval.jsonl", [GOOD])
     with pytest.raises(Exception, match="every training row was skipped: 3 rows: no assistant"):
-        build_sft_data(config(tmp_path, src), tok)
+        build(config(tmp_path, src), tok)
 
 
 def test_hub_data_set_rows_lose_their_scaffolding_and_gain_the_system_prompt(tmp_path, tok):
@@ -134,7 +138,7 @@ def test_hub_data_set_rows_lose_their_scaffolding_and_gain_the_system_prompt(tmp
     folder = tmp_path / "Dahoas" / "rm-static"
     write_split(folder, "train.jsonl", [row])
     src = write_split(folder, "test.jsonl", [row])
-    data = build_sft_data(config(tmp_path, src, system_prompt="Be brief."), tok)
+    data = build(config(tmp_path, src, system_prompt="Be brief."), tok)
     (got,) = list(data.train)
     assert tok.decode(got["input_ids"]) == (
         "<|im_start|>system\nBe brief.<|im_end|>\n"
@@ -154,11 +158,11 @@ def test_the_templates_text_and_system_prompt_key_the_cache(tmp_path, tok):
     write_split(tmp_path / "src", "eval.jsonl", [GOOD])
     template = tmp_path / "t.jinja"
     template.write_text(TEMPLATE_PATH.read_text())
-    build_sft_data(config(tmp_path, src, chat_template=str(template)), tok)
+    build(config(tmp_path, src, chat_template=str(template)), tok)
     template.write_text("{#- edited -#}\n" + TEMPLATE_PATH.read_text())  # same name, new text
-    build_sft_data(config(tmp_path, src, chat_template=str(template)), tok)
-    build_sft_data(config(tmp_path, src, chat_template=str(template), system_prompt="Hi."), tok)
-    build_sft_data(config(tmp_path, src, chat_template="dschat"), tok)
+    build(config(tmp_path, src, chat_template=str(template)), tok)
+    build(config(tmp_path, src, chat_template=str(template), system_prompt="Hi."), tok)
+    build(config(tmp_path, src, chat_template="dschat"), tok)
     assert len(list((tmp_path / "cache").glob("sft-*[!k]"))) == 4
 
 
@@ -175,7 +179,7 @@ def demo_data(tmp_path_factory, tok):
         for m in row["messages"]
         if m["role"] == "assistant"
     )
-    data = build_sft_data(config(tmp, src), tok)
+    data = build(config(tmp, src), tok)
     assert data.sources[0].truncated_rows == 0  # every reply whole
     return data, replies
 
@@ -233,9 +237,8 @@ def test_summary_names_the_template_and_the_share_the_spans_train(demo_data):
         "train_micro_batch_size_per_gpu": 8,
         "gradient_accumulation_steps": 1,
     }
-    setup = EngineSetup(config=config, world_size=1, dtype_reason="--dtype fp32")
     plan = StepPlan(micro_batches_per_epoch=5, accumulation=1, epochs=1)
-    text = build_summary(cfg, data, (10, 10), setup, plan, PLAIN_FP32)
+    text = build_summary(cfg, data, (10, 10), summary_setup(config), plan)
     tokens = sum(len(ids) for ids in data.train["input_ids"])
     spans = sum(e - s for row in data.train["loss_spans"] for s, e in row)
     assert f"format       --chat_template {CHATML}: every assistant turn trained" in text

@@ -40,7 +40,6 @@ from utils.cli.parse import parse_args
 from utils.data.config import BatchConfig
 from utils.distributed import DistInfo
 from utils.engine import preemption
-from utils.engine.accumulation import DataPosition
 from utils.engine.checkpoint import (
     LATEST,
     Checkpointer,
@@ -56,6 +55,7 @@ from utils.engine.checkpoint_checks import (
     read_run_state,
 )
 from utils.engine.elastic_position import start_epoch
+from utils.engine.position import DataPosition
 from utils.engine.preemption import PREEMPTED_EXIT, install_preemption_handlers, stop_requested
 from utils.engine.resume import load_checkpoint
 from utils.engine.run_settings import run_settings
@@ -356,7 +356,7 @@ def test_a_killed_delete_leaves_no_half_checkpoint_and_the_next_start_sweeps_it(
     assert [step for step, _ in published_checkpoints(out)] == [6, 9]
 
     (out / ".tmp-checkpoint-12").mkdir()  # a save killed before publishing
-    (out / "latest.tmp").write_text("checkpoint-1")
+    (out / ".latest.k2j4x9.tmp").write_text("checkpoint-1")  # a rewrite of `latest` killed
     vet(data_dir, out, data_key="")  # any start (no resume, no save yet): rank 0 sweeps
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-6", "checkpoint-9"]
 

@@ -73,7 +73,7 @@ def test_a_checkpoint_of_another_model_is_refused_with_every_difference_at_once(
 ):
     # The checkpoint: another (narrower) model, trained with --max_steps 1 on the same data.
     cfg = parse_args(command(tiny_model_dir, tmp_path, "--max_steps", "1"))
-    data = build_sft_data(cfg.data, load_tokenizer(cfg.model, None))
+    data = build_sft_data(cfg.data, load_tokenizer(cfg.model, None), None)
     settings = run_settings(cfg.data, cfg.batch, cfg.train, cfg.lora, data.cache_key, 1)
     other = param_shapes(build_opt_model(tiny_tokenizer, hidden_size=32))
     path = write_checkpoint(tmp_path / "out" / "checkpoint-1", settings, other, "/models/opt-a")

@@ -54,7 +54,7 @@ def decoded_rows(tok, data):
 
 def test_rows_are_prompt_tokens_then_response_tokens_then_eot(tmp_path, tiny_tokenizer):
     src = make_source(tmp_path / "src", 6, 3)
-    data = build_sft_data(config(tmp_path, [src]), tiny_tokenizer)
+    data = build_sft_data(config(tmp_path, [src]), tiny_tokenizer, None)
 
     assert data.train.column_names == ["input_ids", "loss_spans"]
     expected = {}
@@ -78,7 +78,7 @@ def test_long_rows_are_cut_on_the_right_and_counted(tmp_path, tiny_tokenizer):
     write_jsonl(tmp_path / "src/train.jsonl", [pair(1, long_answer), short[0]])
     write_jsonl(tmp_path / "src/eval.jsonl", [short[1]])
     cfg = config(tmp_path, [str(tmp_path / "src")], max_seq_len=max_len)
-    data = build_sft_data(cfg, tiny_tokenizer)
+    data = build_sft_data(cfg, tiny_tokenizer, None)
 
     cut, spans = expected_ids(tiny_tokenizer, pair(1)["prompt"], long_answer, max_len)
     assert {"input_ids": cut, "loss_spans": spans} in list(data.train)
@@ -88,7 +88,9 @@ def test_long_rows_are_cut_on_the_right_and_counted(tmp_path, tiny_tokenizer):
 def test_no_loss_span_when_the_prompt_alone_fills_the_row(tmp_path, tiny_tokenizer):
     write_jsonl(tmp_path / "src/train.jsonl", [pair(1)])
     write_jsonl(tmp_path / "src/eval.jsonl", [pair(2)])
-    data = build_sft_data(config(tmp_path, [str(tmp_path / "src")], max_seq_len=4), tiny_tokenizer)
+    data = build_sft_data(
+        config(tmp_path, [str(tmp_path / "src")], max_seq_len=4), tiny_tokenizer, None
+    )
     assert data.train[0] == {
         "input_ids": tiny_tokenizer(pair(1)["prompt"])["input_ids"][:4],
         "loss_spans": [],
@@ -97,16 +99,18 @@ def test_no_loss_span_when_the_prompt_alone_fills_the_row(tmp_path, tiny_tokeniz
 
 def test_phase_one_takes_the_first_data_split_share_of_train_and_eval(tmp_path, tiny_tokenizer):
     src = make_source(tmp_path / "src", 11, 7)
-    data = build_sft_data(config(tmp_path, [src], data_split="2,4,4"), tiny_tokenizer)
+    data = build_sft_data(config(tmp_path, [src], data_split="2,4,4"), tiny_tokenizer, None)
     # DeepSpeed-Chat's cuts: 11 rows -> 4.4 -> 4 twice, phase 1 gets 3; 7 rows -> 2.8 -> 3 twice, 1
     assert (len(data.train), len(data.eval)) == (3, 1)
-    again = build_sft_data(config(tmp_path / "other", [src], data_split="2,4,4"), tiny_tokenizer)
+    again = build_sft_data(
+        config(tmp_path / "other", [src], data_split="2,4,4"), tiny_tokenizer, None
+    )
     assert decoded_rows(tiny_tokenizer, again.train) == decoded_rows(tiny_tokenizer, data.train)
 
 
 def test_data_split_10_0_0_uses_every_row(tmp_path, tiny_tokenizer):
     src = make_source(tmp_path / "src", 9, 4)
-    data = build_sft_data(config(tmp_path, [src], data_split="10,0,0"), tiny_tokenizer)
+    data = build_sft_data(config(tmp_path, [src], data_split="10,0,0"), tiny_tokenizer, None)
     assert (len(data.train), len(data.eval)) == (9, 4)
 
 
@@ -116,7 +120,7 @@ def test_a_different_seed_picks_different_rows(tmp_path, tiny_tokenizer):
         decoded_rows(
             tiny_tokenizer,
             build_sft_data(
-                config(tmp_path, [src], data_split="1,1,2", seed=seed), tiny_tokenizer
+                config(tmp_path, [src], data_split="1,1,2", seed=seed), tiny_tokenizer, None
             ).train,
         )
         for seed in (1, 2)
@@ -128,7 +132,7 @@ def test_a_different_seed_picks_different_rows(tmp_path, tiny_tokenizer):
 def test_sources_are_concatenated_and_shuffled_with_the_seed(tmp_path, tiny_tokenizer):
     a = make_source(tmp_path / "a", 20, 2, offset=0)
     b = make_source(tmp_path / "b", 20, 3, offset=100)
-    data = build_sft_data(config(tmp_path, [a, b]), tiny_tokenizer)
+    data = build_sft_data(config(tmp_path, [a, b]), tiny_tokenizer, None)
 
     assert [(s.name, s.train_rows, s.eval_rows) for s in data.sources] == [(a, 20, 2), (b, 20, 3)]
     assert (len(data.train), len(data.eval)) == (40, 5)
@@ -138,7 +142,7 @@ def test_sources_are_concatenated_and_shuffled_with_the_seed(tmp_path, tiny_toke
     origin = ["b" if int(m.group(1)) >= 100 else "a" for m in numbers]
     assert origin.count("b") == 20
     assert origin != sorted(origin)  # interleaved, not source a then source b
-    again = build_sft_data(config(tmp_path / "again", [a, b]), tiny_tokenizer)
+    again = build_sft_data(config(tmp_path / "again", [a, b]), tiny_tokenizer, None)
     assert [r["input_ids"] for r in again.train] == [r["input_ids"] for r in data.train]
 
 
@@ -146,7 +150,7 @@ def test_sources_are_concatenated_and_shuffled_with_the_seed(tmp_path, tiny_toke
 def test_train_tokens_add_up_over_sources(tmp_path, tiny_tokenizer, split):
     a = make_source(tmp_path / "a", 10, 5)
     b = make_source(tmp_path / "b", 10, 5, offset=50)
-    data = build_sft_data(config(tmp_path, [a, b], data_split=split), tiny_tokenizer)
+    data = build_sft_data(config(tmp_path, [a, b], data_split=split), tiny_tokenizer, None)
     assert data.train_tokens == sum(len(r["input_ids"]) for r in data.train)
 
 

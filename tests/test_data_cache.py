@@ -58,8 +58,8 @@ def rows(data):
 
 def test_a_second_build_reads_the_cache(tmp_path, tiny_tokenizer, builds):
     cfg = config(tmp_path, write_source(tmp_path / "src", ["yes", "no", "maybe"]))
-    first = build_sft_data(cfg, tiny_tokenizer)
-    second = build_sft_data(cfg, tiny_tokenizer)
+    first = build_sft_data(cfg, tiny_tokenizer, None)
+    second = build_sft_data(cfg, tiny_tokenizer, None)
     assert len(builds) == 1
     assert rows(second) == rows(first)
     assert second.sources == first.sources
@@ -68,9 +68,9 @@ def test_a_second_build_reads_the_cache(tmp_path, tiny_tokenizer, builds):
 def test_changed_data_is_rebuilt(tmp_path, tiny_tokenizer, builds):
     src = write_source(tmp_path / "src", ["yes", "no"])
     cfg = config(tmp_path, src)
-    before = build_sft_data(cfg, tiny_tokenizer)
+    before = build_sft_data(cfg, tiny_tokenizer, None)
     write_source(tmp_path / "src", ["yes", "blue"])
-    after = build_sft_data(cfg, tiny_tokenizer)
+    after = build_sft_data(cfg, tiny_tokenizer, None)
     assert len(builds) == 2
     assert "blue" in " ".join(tiny_tokenizer.decode(ids) for ids in rows(after))
     assert rows(before) != rows(after)
@@ -79,8 +79,8 @@ def test_changed_data_is_rebuilt(tmp_path, tiny_tokenizer, builds):
 def test_a_different_tokenizer_is_rebuilt(tmp_path, tiny_tokenizer, builds):
     cfg = config(tmp_path, write_source(tmp_path / "src", ["The sky is blue."]))
     other = build_tokenizer([" Human: Q0? Assistant: The sky is blue."] * 5, vocab_size=300)
-    first = build_sft_data(cfg, tiny_tokenizer)
-    second = build_sft_data(cfg, other)
+    first = build_sft_data(cfg, tiny_tokenizer, None)
+    second = build_sft_data(cfg, other, None)
     assert len(builds) == 2
     assert rows(second) == [
         other(" Human: Q0? Assistant:")["input_ids"]
@@ -96,8 +96,8 @@ def test_every_setting_that_changes_rows_is_part_of_the_key(
     tmp_path, tiny_tokenizer, builds, change
 ):
     cfg = config(tmp_path, write_source(tmp_path / "src", ["a b c d e f g h i j k"] * 10))
-    build_sft_data(cfg, tiny_tokenizer)
-    build_sft_data(dataclasses.replace(cfg, **change), tiny_tokenizer)
+    build_sft_data(cfg, tiny_tokenizer, None)
+    build_sft_data(dataclasses.replace(cfg, **change), tiny_tokenizer, None)
     assert len(builds) == 2
     assert len([n for n in os.listdir(cfg.data_output_path) if not n.endswith(".lock")]) == 2
 
@@ -108,22 +108,22 @@ def test_rebuild_flag_rebuilds_entries_older_than_the_process(
     cfg = dataclasses.replace(
         config(tmp_path, write_source(tmp_path / "src", ["yes"])), rebuild_data_cache=True
     )
-    first = build_sft_data(cfg, tiny_tokenizer)
+    first = build_sft_data(cfg, tiny_tokenizer, None)
     # An entry this process made is fresh: other ranks read what rank 0 just rebuilt.
-    assert rows(build_sft_data(cfg, tiny_tokenizer)) == rows(first)
+    assert rows(build_sft_data(cfg, tiny_tokenizer, None)) == rows(first)
     assert len(builds) == 1
     monkeypatch.setattr(cache_module, "PROCESS_START", time.time() + 1)  # as if started later
-    again = build_sft_data(cfg, tiny_tokenizer)
+    again = build_sft_data(cfg, tiny_tokenizer, None)
     assert len(builds) == 2
     assert rows(again) == rows(first)
     assert rows(
-        build_sft_data(dataclasses.replace(cfg, rebuild_data_cache=False), tiny_tokenizer)
+        build_sft_data(dataclasses.replace(cfg, rebuild_data_cache=False), tiny_tokenizer, None)
     ) == rows(first)
 
 
 def test_the_cache_holds_arrow_and_json_only(tmp_path, tiny_tokenizer):
     cfg = config(tmp_path, write_source(tmp_path / "src", ["yes"]))
-    build_sft_data(cfg, tiny_tokenizer)
+    build_sft_data(cfg, tiny_tokenizer, None)
     suffixes = {
         os.path.splitext(f)[1] for _, _, files in os.walk(cfg.data_output_path) for f in files
     }
@@ -138,10 +138,10 @@ def test_a_failed_build_leaves_no_entry(tmp_path, tiny_tokenizer, monkeypatch):
 
     monkeypatch.setattr(build_module, "tokenize_rows", crash)
     with pytest.raises(KeyboardInterrupt):
-        build_sft_data(cfg, tiny_tokenizer)
+        build_sft_data(cfg, tiny_tokenizer, None)
     assert [n for n in os.listdir(cfg.data_output_path) if not n.endswith(".lock")] == []
     monkeypatch.undo()
-    assert len(build_sft_data(cfg, tiny_tokenizer).train) == 1
+    assert len(build_sft_data(cfg, tiny_tokenizer, None).train) == 1
 
 
 BUILDER = textwrap.dedent(
@@ -158,7 +158,7 @@ BUILDER = textwrap.dedent(
     b.build_uncached = logged
     cfg = DataConfig(data_path=[sys.argv[3]], data_split="10,0,0", data_output_path=sys.argv[4],
                      rebuild_data_cache=sys.argv[5] == "rebuild")
-    data = b.build_sft_data(cfg, AutoTokenizer.from_pretrained(sys.argv[2]))
+    data = b.build_sft_data(cfg, AutoTokenizer.from_pretrained(sys.argv[2]), None)
     print("ROWS", json.dumps([r["input_ids"] for r in data.train]), flush=True)
     """
 )
@@ -170,7 +170,7 @@ def test_two_concurrent_builders_build_once_and_agree(tmp_path, tiny_tokenizer, 
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
     src = write_source(tmp_path / "src", [f"answer {i}" for i in range(200)])
     if flag:  # an entry from an earlier run, an hour ago
-        build_sft_data(config(tmp_path, src), tiny_tokenizer)
+        build_sft_data(config(tmp_path, src), tiny_tokenizer, None)
         for entry in (tmp_path / "cache").glob("sft-*/sources.json"):
             os.utime(entry, (time.time() - 3600, time.time() - 3600))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -212,7 +212,7 @@ SLOW_BUILDER = textwrap.dedent(
         return rows
     b.tokenize_rows = slow
     cfg = DataConfig(data_path=[sys.argv[3]], data_split="10,0,0", data_output_path=sys.argv[4])
-    b.build_sft_data(cfg, AutoTokenizer.from_pretrained(sys.argv[2]))
+    b.build_sft_data(cfg, AutoTokenizer.from_pretrained(sys.argv[2]), None)
     """
 )
 
@@ -234,6 +234,6 @@ def test_a_killed_build_leaves_no_work_folder_after_the_next_build(tmp_path, tin
     (cache / ".build-sft-0123456789abcdef01234567-1").mkdir()
 
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")  # the killed build's entry
-    data = build_sft_data(config(tmp_path, src), tokenizer)
+    data = build_sft_data(config(tmp_path, src), tokenizer, None)
     assert len(data.train) == 50
     assert not [p.name for p in cache.iterdir() if p.name.startswith(".build-")]

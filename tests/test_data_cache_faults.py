@@ -67,7 +67,7 @@ def test_a_full_disk_at_any_write_of_a_build_names_the_cache_folder_and_leaves_n
 ):
     src = write_source(tmp_path / "src", rows=20)
     disk = FullDisk(monkeypatch, fail_at=None)
-    build_sft_data(config(src, tmp_path / "counted"), tiny_tokenizer)
+    build_sft_data(config(src, tmp_path / "counted"), tiny_tokenizer, None)
     writes = disk.writes
     assert writes >= 6  # two inputs read, formatted, tokenised, and the entry saved
 
@@ -75,7 +75,7 @@ def test_a_full_disk_at_any_write_of_a_build_names_the_cache_folder_and_leaves_n
     for fail_at in range(1, writes + 1):
         disk.writes, disk.fail_at = 0, fail_at
         with pytest.raises(CacheDiskFull) as refused:
-            build_sft_data(config(src, cache), tiny_tokenizer)
+            build_sft_data(config(src, cache), tiny_tokenizer, None)
         message = str(refused.value)
         assert message.startswith(
             f"no room for the tokenised-data cache in --data_output_path {cache}: the build needs "
@@ -91,7 +91,7 @@ def test_a_full_disk_at_any_write_of_a_build_names_the_cache_folder_and_leaves_n
         assert leftovers(cache) == [], fail_at  # no entry, no work folder
 
     disk.fail_at = None  # space freed: the same command builds
-    assert len(build_sft_data(config(src, cache), tiny_tokenizer).train) == 20
+    assert len(build_sft_data(config(src, cache), tiny_tokenizer, None).train) == 20
 
 
 TMPFS_BUILD = textwrap.dedent(
@@ -104,7 +104,7 @@ TMPFS_BUILD = textwrap.dedent(
     from utils.errors import UserError
     cfg = DataConfig(data_path=[sys.argv[3]], data_split="10,0,0", data_output_path=sys.argv[4])
     try:
-        build_sft_data(cfg, AutoTokenizer.from_pretrained(sys.argv[2]))
+        build_sft_data(cfg, AutoTokenizer.from_pretrained(sys.argv[2]), None)
     except UserError as err:
         print(f"error: {err}")
     """
@@ -155,7 +155,7 @@ def test_a_build_killed_after_publishing_its_entry_leaves_no_work_folder_after_t
 
     monkeypatch.setattr(shutil, "rmtree", killed_before_the_delete)
     with pytest.raises(KeyboardInterrupt):
-        build_sft_data(config(src, cache), tiny_tokenizer)
+        build_sft_data(config(src, cache), tiny_tokenizer, None)
     monkeypatch.setattr(shutil, "rmtree", real_rmtree)
     work, entry = leftovers(cache)
     assert entry.startswith("sft-") and work.startswith(f"{WORK_PREFIX}{entry}-")
@@ -164,8 +164,8 @@ def test_a_build_killed_after_publishing_its_entry_leaves_no_work_folder_after_t
     alive = cache / f"{WORK_PREFIX}sft-0123456789abcdef01234567-1"
     alive.mkdir()
     with entry_lock(str(cache / "sft-0123456789abcdef01234567")):
-        data = build_sft_data(config(src, cache), tiny_tokenizer)  # a cache hit
+        data = build_sft_data(config(src, cache), tiny_tokenizer, None)  # a cache hit
         assert len(data.train) == 20
         assert leftovers(cache) == [alive.name, entry]
-    build_sft_data(config(src, cache), tiny_tokenizer)  # its builder is gone now
+    build_sft_data(config(src, cache), tiny_tokenizer, None)  # its builder is gone now
     assert leftovers(cache) == [entry]

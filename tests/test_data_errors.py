@@ -24,7 +24,7 @@ def write_folder(folder, train, eval_rows=(PAIR,)):
 def build(tmp_path, tok, data_path, **kw):
     kw.setdefault("data_split", "10,0,0")
     cfg = DataConfig(data_path=data_path, data_output_path=str(tmp_path / "cache"), **kw)
-    return build_sft_data(cfg, tok)
+    return build_sft_data(cfg, tok, None)
 
 
 def test_data_errors_are_user_errors():

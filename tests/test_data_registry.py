@@ -346,7 +346,7 @@ def test_local_jsonfile_reads_data_train_and_eval_json(tmp_path, monkeypatch, ti
     (tmp_path / "data/eval.json").write_text(json.dumps(rows[3:]))
     monkeypatch.chdir(tmp_path)
     cfg = DataConfig(data_path=["local/jsonfile"], data_split="10,0,0", data_output_path="cache")
-    data = build_sft_data(cfg, tiny_tokenizer)
+    data = build_sft_data(cfg, tiny_tokenizer, None)
     assert (len(data.train), len(data.eval)) == (3, 1)
     assert (
         tiny_tokenizer.decode(data.eval[0]["input_ids"])
@@ -365,7 +365,7 @@ def test_train_only_hub_copy_gets_a_seeded_nine_to_one_eval_cut(tmp_path, tiny_t
     cfg = DataConfig(
         data_path=[str(folder)], data_split="10,0,0", data_output_path=str(tmp_path / "cache")
     )
-    data = build_sft_data(cfg, tiny_tokenizer)
+    data = build_sft_data(cfg, tiny_tokenizer, None)
     assert (len(data.train), len(data.eval)) == (18, 2)
     train = {tiny_tokenizer.decode(r["input_ids"]) for r in data.train}
     assert not train & {tiny_tokenizer.decode(r["input_ids"]) for r in data.eval}
@@ -375,11 +375,11 @@ def test_hub_name_offline_says_how_to_use_a_local_copy(tmp_path, tiny_tokenizer,
     monkeypatch.chdir(tmp_path)
     cfg = DataConfig(data_path=["Dahoas/rm-static"], data_output_path=str(tmp_path / "cache"))
     with pytest.raises(DataError, match=r"--data_path DIR/Dahoas/rm-static") as err:
-        build_sft_data(cfg, tiny_tokenizer)
+        build_sft_data(cfg, tiny_tokenizer, None)
     assert "save_to_disk" in str(err.value)
 
 
 def test_offline_hint_for_a_shared_hub_set_names_the_catalogue_entry(tmp_path, tiny_tokenizer):
     cfg = DataConfig(data_path=["mkqa-Japanese"], data_output_path=str(tmp_path / "cache"))
     with pytest.raises(DataError, match=r"load_dataset\('mkqa'\).*--data_path DIR/mkqa-Japanese"):
-        build_sft_data(cfg, tiny_tokenizer)
+        build_sft_data(cfg, tiny_tokenizer, None)

@@ -140,7 +140,7 @@ def test_sft_only_sets_are_not_split(tmp_path, tiny_tokenizer):
         data_split="2,4,4",
         data_output_path=str(tmp_path / "cache"),
     )
-    data = build_sft_data(cfg, tiny_tokenizer)
+    data = build_sft_data(cfg, tiny_tokenizer, None)
     assert [(s.train_rows, s.eval_rows) for s in data.sources] == [(4, 2), (7, 3)]
     assert sorted(origins(tiny_tokenizer, data.train)) == ["apple"] * 4 + ["banana"] * 7
 
@@ -153,7 +153,7 @@ def test_per_source_weights_up_and_down_sample_training_rows(tmp_path, tiny_toke
         data_split="10,0,0",
         data_output_path=str(tmp_path / "cache"),
     )
-    data = build_sft_data(cfg, tiny_tokenizer)
+    data = build_sft_data(cfg, tiny_tokenizer, None)
     train = origins(tiny_tokenizer, data.train)
     assert (train.count("apple"), train.count("banana")) == (5, 20)
     assert [s.train_rows for s in data.sources] == [5, 20]
@@ -167,7 +167,7 @@ def test_a_zero_weight_source_still_contributes_eval_rows(tmp_path, tiny_tokeniz
     cfg = DataConfig(
         data_path=[a, f"{b}:0"], data_split="10,0,0", data_output_path=str(tmp_path / "cache")
     )
-    data = build_sft_data(cfg, tiny_tokenizer)
+    data = build_sft_data(cfg, tiny_tokenizer, None)
     assert set(origins(tiny_tokenizer, data.train)) == {"apple"}
     assert sorted(origins(tiny_tokenizer, data.eval)) == ["apple"] * 2 + ["banana"] * 2
 
@@ -179,10 +179,12 @@ def test_phase_one_rows_are_the_same_whatever_else_is_blended(tmp_path, tiny_tok
     alone = build_sft_data(
         DataConfig(data_path=[a], data_split="2,4,4", data_output_path=str(tmp_path / "c1")),
         tiny_tokenizer,
+        None,
     )
     both = build_sft_data(
         DataConfig(data_path=[a, b], data_split="2,4,4", data_output_path=str(tmp_path / "c2")),
         tiny_tokenizer,
+        None,
     )
 
     def texts(rows, tag):

@@ -46,7 +46,7 @@ def test_only_lora_with_checkpointing_trains_adapters_and_keeps_base_bit_identic
     from main import build_engine
     from utils.engine.accumulation import StepPlan
     from utils.engine.ds_config import EngineSetup, build_ds_config
-    from utils.model.load import build_model
+    from utils.model.load import build_model, load_model_config
     from utils.model.lora import apply_lora
 
     cfg = parse_args(["--model_name_or_path", str(tiny_model_dir), "--lora_dim", "4",
@@ -54,8 +54,9 @@ def test_only_lora_with_checkpointing_trains_adapters_and_keeps_base_bit_identic
                       "2e-2", "--per_device_train_batch_size", "4", "--max_steps", "6",
                       "--lr_scheduler_type", "constant"])  # fmt: skip
     config = build_ds_config(cfg.engine, cfg.train, cfg.observe, 1, "fp32", on_cuda=False)
-    setup = EngineSetup(config=config, world_size=1, dtype_reason="--dtype fp32")
-    model = apply_lora(build_model(cfg.model, tiny_tokenizer, setup.config), cfg.lora)
+    setup = EngineSetup(config=config, dtype_reason="--dtype fp32")
+    model_config = load_model_config(cfg.model)
+    model = apply_lora(build_model(cfg.model, model_config, tiny_tokenizer, setup.config), cfg.lora)
     base_before = {
         n: p.detach().clone() for n, p in model.named_parameters() if not is_lora_parameter(n)
     }

@@ -94,18 +94,19 @@ def test_saved_folder_gives_the_engines_logits(tiny_model_dir, data_dir, tmp_pat
     from utils.cli.validate import validate
     from utils.data.build import build_sft_data
     from utils.distributed import init_distributed
-    from utils.model.load import build_model, load_tokenizer
+    from utils.model.load import build_model
     from utils.model.loss import model_nll
     from utils.model.save import save_hf_model
 
     cfg = parse_args(base_args(tiny_model_dir, data_dir, tmp_path, "--zero_stage", "3"))
-    setup = validate(cfg)
     dist = init_distributed()
-    tokenizer = load_tokenizer(cfg.model, None)
-    data = build_sft_data(cfg.data, tokenizer)
-    loader, _ = cli.build_loaders(cfg, data, tokenizer, dist, setup)
+    setup = validate(cfg, dist)
+    tokenizer = setup.tokenizer
+    data = build_sft_data(cfg.data, tokenizer, setup.template)
+    loader, _ = cli.build_loaders(cfg, data, setup, dist)
     plan = cli.build_step_plan(cfg, loader)
-    engine = cli.build_engine(cfg, build_model(cfg.model, tokenizer, setup.config), setup, plan)
+    model = build_model(cfg.model, setup.model_config, tokenizer, setup.engine.config)
+    engine = cli.build_engine(cfg, model, setup.engine, plan)
     for _, batch in zip(range(5), loader, strict=False):
         nll, count = model_nll(engine, batch, fp32=False)
         engine.backward(nll / count)

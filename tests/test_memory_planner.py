@@ -14,21 +14,18 @@ from deepspeed.runtime.zero.stage3 import (
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 from transformers import GPT2Config, LlamaConfig, OPTConfig
 
+from utils.cli.memory_plan import memory_plan_report, plan_inputs
 from utils.cli.parse import parse_args
+from utils.cli.validate import validate
+from utils.distributed import DistInfo
 from utils.engine.config import EngineConfig
 from utils.errors import UserError
 from utils.model.config import LoraConfig
 from utils.model.lora import apply_lora, is_lora_parameter
 from utils.planner.config import PlannerConfig
-from utils.planner.estimate import (
-    GB,
-    estimate_activations,
-    estimate_model_states,
-    measure_shape,
-    plan_memory,
-)
+from utils.planner.estimate import GB, estimate_activations, estimate_model_states, plan_memory
 from utils.planner.largest import largest_fitting_model, scale_config
-from utils.planner.report import estimate_memory, format_memory_plan
+from utils.planner.shape import measure_shape
 
 CONFIGS = {
     "opt": lambda: OPTConfig(
@@ -41,6 +38,7 @@ CONFIGS = {
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
     ),
 }  # fmt: skip
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 OPT_7B = OPTConfig(
     vocab_size=50272, hidden_size=4096, word_embed_proj_dim=4096, ffn_dim=16384,
     num_hidden_layers=32, num_attention_heads=32,
@@ -135,18 +133,28 @@ def test_activations_follow_batch_checkpointing_and_lora():
     assert full == 32 * 34 * 4 * 512 * 4096 + 4 * 512 * 50272 * 10
 
 
-def test_largest_model_fits_and_one_size_up_does_not():
-    cfg = parse_args(["--model_name_or_path", "x", "--zero_stage", "3", "--gpu_memory_gb", "40",
-                      "--per_device_train_batch_size", "2", "--gradient_checkpointing"])  # fmt: skip
-    plan, scaled = largest_fitting_model(OPT_7B, cfg)
+def planned(config, folder, *flags: str):
+    """--estimate_memory's plan inputs for a config-only model folder and `flags`."""
+    config.save_pretrained(folder)  # config.json only: no weights to load
+    cfg = parse_args(["--model_name_or_path", str(folder), "--estimate_memory", *flags])
+    return cfg, validate(cfg, CPU)
+
+
+def test_largest_model_fits_and_one_size_up_does_not(tmp_path):
+    cfg, setup = planned(OPT_7B, tmp_path, "--zero_stage", "3", "--gpu_memory_gb", "40",
+                         "--per_device_train_batch_size", "2", "--gradient_checkpointing")  # fmt: skip
+    inputs = plan_inputs(cfg, setup)
+    plan, scaled = largest_fitting_model(OPT_7B, inputs)
     assert plan.total_per_gpu <= 40 * GB
-    assert plan_memory(measure_shape(scaled, cfg.lora), cfg).total_per_gpu == plan.total_per_gpu
+    assert (
+        plan_memory(measure_shape(scaled, inputs.lora), inputs).total_per_gpu == plan.total_per_gpu
+    )
     bigger = scale_config(OPT_7B, scaled.num_attention_heads + 1)
-    assert plan_memory(measure_shape(bigger, cfg.lora), cfg).total_per_gpu > 40 * GB
+    assert plan_memory(measure_shape(bigger, inputs.lora), inputs).total_per_gpu > 40 * GB
     assert scaled.hidden_size // scaled.num_attention_heads == 128  # head size kept
-    more = replace(cfg, planner=replace(cfg.planner, gpu_memory_gb=80))
+    more = replace(inputs, planner=replace(inputs.planner, gpu_memory_gb=80))
     assert largest_fitting_model(OPT_7B, more)[0].params > plan.params
-    tiny = replace(cfg, planner=replace(cfg.planner, gpu_memory_gb=0.01))
+    tiny = replace(inputs, planner=replace(inputs.planner, gpu_memory_gb=0.01))
     assert largest_fitting_model(OPT_7B, tiny) is None
 
 
@@ -163,12 +171,10 @@ def test_scaled_llama_keeps_grouped_query_ratio():
 
 
 def test_estimate_memory_reads_only_the_config_and_ends_with_json(tmp_path, capsys):
-    CONFIGS["opt"]().save_pretrained(tmp_path)  # config.json only: no weights to load
-    cfg = parse_args(["--model_name_or_path", str(tmp_path), "--lora_dim", "4", "--only_optimize_lora",
-                      "--gradient_checkpointing", "--zero_stage", "3", "--num_gpus_per_node", "2",
-                      "--gpu_memory_gb", "1"])  # fmt: skip
-    summary = estimate_memory(cfg)
-    last = json.loads(format_memory_plan(summary, cfg).splitlines()[-1])
+    cfg, setup = planned(CONFIGS["opt"](), tmp_path, "--lora_dim", "4", "--only_optimize_lora",
+                         "--gradient_checkpointing", "--zero_stage", "3", "--num_gpus_per_node",
+                         "2", "--gpu_memory_gb", "1", "--max_seq_len", "64")  # fmt: skip
+    last = json.loads(memory_plan_report(cfg, setup).splitlines()[-1])
     for key in (
         "model_states_gb_per_gpu",
         "activations_gb_per_gpu",
@@ -189,6 +195,6 @@ def test_unmatched_lora_scope_is_reported_by_the_planner_too():
 
 
 def test_missing_model_config_is_a_user_error(tmp_path):
-    cfg = parse_args(["--model_name_or_path", str(tmp_path / "absent")])
+    cfg = parse_args(["--model_name_or_path", str(tmp_path / "absent"), "--estimate_memory"])
     with pytest.raises(UserError, match="--model_name_or_path"):
-        estimate_memory(cfg)
+        memory_plan_report(cfg, validate(cfg, CPU))

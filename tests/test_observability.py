@@ -13,13 +13,12 @@ import torch
 from datasets import Dataset
 from PIL import Image
 
+from tests.conftest import summary_setup
 from utils.cli.failures import OOM_EXIT_CODE, explain_failures, suggest_memory_flags
 from utils.cli.parse import parse_args
 from utils.cli.summary import build_summary, data_warnings
 from utils.data.common import SFTData, SourceStats
 from utils.engine.accumulation import StepPlan
-from utils.engine.ds_config import EngineSetup
-from utils.model.loss import PLAIN_FP32
 from utils.observe.progress import RunMonitor, load_metrics, open_metrics
 
 
@@ -141,9 +140,9 @@ def test_summary_block_has_the_numbers_a_user_checks(tiny_model_dir):
         "zero_optimization": {"stage": 3},
         "bf16": {"enabled": True},
     }
-    setup = EngineSetup(config=ds_config, world_size=2, dtype_reason="--dtype bf16")
+    setup = summary_setup(ds_config, world_size=2, dtype_reason="--dtype bf16")
     plan = StepPlan(micro_batches_per_epoch=1, accumulation=2, epochs=3)
-    text = build_summary(cfg, sft_data(), (2_000_000, 500_000), setup, plan, PLAIN_FP32)
+    text = build_summary(cfg, sft_data(), (2_000_000, 500_000), setup, plan)
     assert "2.00M total, 500.00K trainable (25.0%)" in text
     assert "Dahoas/rm-static" in text and "7 training tokens" in text
     assert "1 sequences per device x 2 ranks x 2 accumulation = 4 per optimizer step" in text
@@ -165,7 +164,7 @@ def test_warnings_for_minority_split_truncated_and_skipped_rows(tiny_model_dir):
 
 def test_memory_suggestions_follow_the_flags_in_use():
     cfg = parse_args(["--model_name_or_path", "m", "--per_device_train_batch_size", "8"])
-    flags = " ".join(suggest_memory_flags(cfg))
+    flags = " ".join(suggest_memory_flags(cfg, None))
     for flag in ("--gradient_checkpointing", "--zero_stage 3", "--offload"):
         assert flag in flags
     assert "--per_device_train_batch_size 4 --gradient_accumulation_steps 2" in flags
@@ -173,8 +172,8 @@ def test_memory_suggestions_follow_the_flags_in_use():
     cfg = parse_args(
         ["--model_name_or_path", "m", "--per_device_train_batch_size", "1", *everything]
     )
-    assert suggest_memory_flags(cfg) == []
-    assert suggest_memory_flags(cfg, cpu=True) == [
+    assert suggest_memory_flags(cfg, None) == []
+    assert suggest_memory_flags(cfg, None, cpu=True) == [
         "no --offload (it keeps optimizer states in CPU memory)"
     ]
 
@@ -191,7 +190,7 @@ def test_memory_suggestions_follow_the_flags_in_use():
 def test_out_of_memory_ends_with_the_flags_that_would_fit(capsys, error):
     with (
         pytest.raises(SystemExit) as exit_info,
-        explain_failures(lambda: parse_args(["--model_name_or_path", "m"])),
+        explain_failures(lambda: (parse_args(["--model_name_or_path", "m"]), None)),
     ):
         raise error
     assert exit_info.value.code == OOM_EXIT_CODE
@@ -201,6 +200,6 @@ def test_out_of_memory_ends_with_the_flags_that_would_fit(capsys, error):
 
 def test_a_failing_rank_names_itself_on_stderr(capsys, monkeypatch):
     monkeypatch.setenv("RANK", "1")
-    with pytest.raises(ValueError), explain_failures(lambda: parse_args([])):
+    with pytest.raises(ValueError), explain_failures(lambda: (None, None)):
         raise ValueError("bad batch")
     assert "[rank 1 on " in capsys.readouterr().err

@@ -16,6 +16,7 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 import main as cli
+from tests.conftest import summary_setup
 from utils.cli.parse import parse_args
 from utils.cli.summary import build_summary
 from utils.data.common import IGNORE_INDEX, SFTData, SourceStats
@@ -23,9 +24,8 @@ from utils.data.config import BatchConfig
 from utils.data.loaders import build_train_loader
 from utils.engine.accumulation import StepPlan
 from utils.engine.checkpoint import Checkpointer
-from utils.engine.ds_config import EngineSetup
 from utils.errors import UserError
-from utils.model.loss import PLAIN_FP32, token_nll
+from utils.model.loss import token_nll
 
 
 def write_rows(path, train: int, evaluation: int = 4):
@@ -126,23 +126,25 @@ def test_fp16_at_zero_stage_0_is_refused_on_a_gpu(tiny_model_dir, tmp_path, monk
     from deepspeed.accelerator import get_accelerator
 
     from utils.cli.validate import validate
+    from utils.distributed import DistInfo
     from utils.errors import ConfigError
 
     monkeypatch.setattr(get_accelerator(), "device_name", lambda *a: "cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
     data = write_rows(tmp_path / "data", train=8)
+    GPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))
     extra = ["--dtype", "fp16"]
     if source == "deepspeed_config":
         ds_file = tmp_path / "ds.json"
         ds_file.write_text(json.dumps({"fp16": {"enabled": True}}))
         extra = ["--dtype", "fp32", "--deepspeed_config", str(ds_file)]
     with pytest.raises(ConfigError) as refused:
-        validate(parse_args(args(tiny_model_dir, data, tmp_path, *extra)))
+        validate(parse_args(args(tiny_model_dir, data, tmp_path, *extra)), GPU)
     assert "with --zero_stage 0 does not train" in str(refused.value)
     assert "Use --zero_stage 1" in str(refused.value)
     stage_1 = parse_args(args(tiny_model_dir, data, tmp_path, *extra, "--zero_stage", "1"))
-    assert validate(stage_1).zero_stage == 1
+    assert validate(stage_1, GPU).engine.zero_stage == 1
 
 
 def test_a_user_error_while_resuming_is_one_line_and_exit_2(
@@ -183,9 +185,8 @@ def test_summary_reports_what_training_uses(tiny_model_dir):
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
     }
-    setup = EngineSetup(config=config, world_size=1, dtype_reason="--dtype fp32")
     plan = StepPlan(micro_batches_per_epoch=1, accumulation=1, epochs=1)
-    text = build_summary(cfg, data, (10, 10), setup, plan, PLAIN_FP32)
+    text = build_summary(cfg, data, (10, 10), summary_setup(config), plan)
     assert "loss on 38% of them (responses only)" in text  # 3 of 8 tokens
 
 

@@ -11,7 +11,9 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma2Config, OPTConfig
 
+from tests.conftest import summary_setup
 from tests.token_loss_worker import PAD, build_model, build_rows
+from utils.cli.memory_plan import plan_inputs
 from utils.cli.parse import parse_args
 from utils.cli.summary import build_summary
 from utils.cli.validate import validate
@@ -20,6 +22,7 @@ from utils.data.config import BatchConfig
 from utils.data.loaders import build_eval_loader, build_train_loader
 from utils.data.packing import pack_layout
 from utils.demo.tiny import build_opt_model
+from utils.distributed import DistInfo
 from utils.engine.accumulation import StepPlan
 from utils.engine.checkpoint import build_checkpointer
 from utils.engine.config import CheckpointConfig, TrainConfig
@@ -34,8 +37,11 @@ from utils.model.loss import choose_loss_path, count_trained, model_nll
 from utils.observe.config import ObserveConfig
 from utils.observe.progress import build_monitor, load_metrics
 from utils.observe.throughput import build_meter
-from utils.planner.estimate import measure_shape, plan_memory
+from utils.planner.estimate import plan_memory
 from utils.planner.loss_memory import estimate_loss_memory
+from utils.planner.shape import measure_shape
+
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def loss_path(model, setting="auto", zero_stage=0, compiled=False):
@@ -102,7 +108,7 @@ def test_the_loop_trains_and_evaluates_with_the_chunked_loss_and_logs_the_plain_
         meter=build_meter(engine, False, None, dist), checkpointer=checkpointer,
         loss=loss_path(model),
     )  # fmt: skip
-    results = train(loop, TrainConfig(gradient_accumulation_steps=2))
+    results = train(loop, TrainConfig(gradient_accumulation_steps=2)).evals
     assert plan.total_steps == 1 and engine.global_steps == 1
     assert head_outputs and all(shape == () for shape in head_outputs)  # a loss, never logits
     (logged,) = [r for r in load_metrics(str(tmp_path / "metrics.jsonl")) if r["type"] == "train"]
@@ -121,8 +127,8 @@ def test_cpu_bf16_at_zero0_trains_through_autocast_and_the_summary_says_why(tiny
     config = ds_config(0, on_cuda=False)
     assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert not config["bf16"]["enabled"]  # no FP16_UnfusedOptimizer master copies
-    setup = EngineSetup(config=config, world_size=1, dtype_reason="bf16, as --dtype asked")
-    assert setup.dtype == "bf16" and setup.autocast
+    engine = EngineSetup(config=config, dtype_reason="bf16, as --dtype asked")
+    assert engine.dtype == "bf16" and engine.autocast
     # ZeRO 1-3: DeepSpeed's bf16 optimizer partitions its master copy; GPUs: its bf16 mode.
     for zero_stage, on_cuda in ((2, False), (0, True)):
         config = ds_config(zero_stage, on_cuda)
@@ -132,7 +138,8 @@ def test_cpu_bf16_at_zero0_trains_through_autocast_and_the_summary_says_why(tiny
     data = SFTData(Dataset.from_dict(rows), Dataset.from_dict(rows), [SourceStats("d", 1)])
     plan = StepPlan(micro_batches_per_epoch=1, accumulation=1, epochs=1)
     path = loss_path(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
-    text = build_summary(cfg, data, (10, 10), setup, plan, path)
+    setup = summary_setup(engine.config, dtype_reason=engine.dtype_reason, loss=path)
+    text = build_summary(cfg, data, (10, 10), setup, plan)
     assert "ZeRO stage 0, bf16 (bf16, as --dtype asked; via torch.autocast" in text
     assert "loss         chunked (fused," in text
     assert "attention    default" in text
@@ -151,10 +158,10 @@ def test_attention_auto_is_sdpa_on_a_cpu_and_flash_only_for_gpu_packing(tiny_mod
     assert pack_layout("flash_attention_2") == "flat" and pack_layout("sdpa") == "mask"
 
     cfg = parse_args(["--model_name_or_path", str(tiny_model_dir), "--packing", "--dry_run"])
-    setup = validate(cfg)  # on this CPU
+    setup = validate(cfg, CPU)  # on this CPU
     assert setup.attention is None and "default" in setup.attention_reason
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = build_causal_lm(cfg.model, tokenizer, attention=setup.attention)
+    model = build_causal_lm(cfg.model, setup.model_config, tokenizer, attention=setup.attention)
     assert model.config._attn_implementation == "sdpa"
 
 
@@ -164,14 +171,21 @@ def test_validation_refuses_flash_attention_here_and_chunked_loss_with_compile(
     base = ["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "o")]
     flash = parse_args([*base, "--attn_implementation", "flash_attention_2"])
     with pytest.raises(ConfigError, match="flash_attention_2 needs a CUDA GPU and the flash-attn"):
-        validate(flash)
+        validate(flash, CPU)
     both = parse_args([*base, "--chunked_loss", "on", "--compile"])
     with pytest.raises(ConfigError, match="--chunked_loss on and --compile exclude each other"):
-        validate(both)
-    assert validate(parse_args([*base, "--compile"])).config  # auto + compile: the plain loss
+        validate(both, CPU)
+    assert validate(parse_args([*base, "--compile"]), CPU).engine.config  # auto + compile: plain
 
 
-def test_memory_plan_counts_one_chunk_of_logits_with_the_chunked_loss():
+def planned(config, tmp_path, *flags: str):
+    """--estimate_memory's plan inputs for a config-only model folder and `flags`."""
+    config.save_pretrained(tmp_path)
+    cfg = parse_args(["--model_name_or_path", str(tmp_path), "--estimate_memory", *flags])
+    return plan_inputs(cfg, validate(cfg, CPU))
+
+
+def test_memory_plan_counts_one_chunk_of_logits_with_the_chunked_loss(tmp_path):
     opt = OPTConfig(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32,
                     ffn_dim=8192, word_embed_proj_dim=2048, vocab_size=50272)  # fmt: skip
     shape = measure_shape(opt, LoraConfig())
@@ -184,7 +198,8 @@ def test_memory_plan_counts_one_chunk_of_logits_with_the_chunked_loss():
     fused = estimate_loss_memory(shape, tokens, "bf16", "fused")
     assert fused == recompute + 50272 * 2048 * 2  # the head's gradient, held to the backward
     assert fused < plain / 10
-    args = ["--model_name_or_path", "x", "--zero_stage", "2", "--per_device_train_batch_size", "16"]
-    on, off = parse_args(args), parse_args([*args, "--chunked_loss", "off"])
+    args = ["--zero_stage", "2", "--per_device_train_batch_size", "16"]
+    on, off = planned(opt, tmp_path, *args), planned(opt, tmp_path, *args, "--chunked_loss", "off")
     assert plan_memory(shape, off).activations - plan_memory(shape, on).activations == plain - fused
-    assert not measure_shape(Gemma2Config(num_hidden_layers=2), LoraConfig()).chunked_loss_exact
+    gemma2 = planned(Gemma2Config(num_hidden_layers=2), tmp_path / "gemma2")
+    assert gemma2.loss_mode == "plain"  # it soft-caps its logits: the chunked loss would differ

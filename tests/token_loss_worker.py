@@ -80,7 +80,7 @@ def main(out: str, mode: str, zero_stage: int, micro: int, accumulation: int) ->
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": 0.0,  # DeepSpeed's default 1.0 would rescale the update
     }
-    setup = EngineSetup(config=config, world_size=dist.world_size, dtype_reason="fp32")
+    setup = EngineSetup(config=config, dtype_reason="fp32")
     checkpointer = build_checkpointer(CheckpointConfig(), os.path.dirname(out), {}, dist)
     checkpointer.engine_setup(model, setup)
     engine, *_ = deepspeed.initialize(

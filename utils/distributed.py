@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import socket
 import sys
@@ -56,7 +57,9 @@ class DistInfo:
 
 def init_distributed(local_rank: int = -1, timeout_minutes: float = 10) -> DistInfo:
     """Join (or create) the process group and pick this rank's device; its collectives
-    give up after `timeout_minutes` (--dist_timeout_minutes)."""
+    give up after `timeout_minutes` (--dist_timeout_minutes). The group comes before
+    validation (which needs its size), so a timeout that cannot be one (nan, inf, 0 or
+    less) leaves the default here: validation then refuses it, before any collective."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -67,7 +70,8 @@ def init_distributed(local_rank: int = -1, timeout_minutes: float = 10) -> DistI
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         accelerator.set_device(local_rank)
-    _settings["timeout"] = timedelta(minutes=timeout_minutes)
+    if math.isfinite(timeout_minutes) and timeout_minutes > 0:
+        _settings["timeout"] = timedelta(minutes=timeout_minutes)
     deepspeed.init_distributed(
         dist_backend=accelerator.communication_backend_name(), timeout=_settings["timeout"]
     )

@@ -32,18 +32,18 @@ import torch
 from transformers import set_seed
 
 from bench.gpu_check.phases import Phases, profile_top_ops
-from main import build_engine, build_loaders, build_loop, build_step_plan, choose_loss
+from main import build_loaders, build_loop, build_step_plan, load_model, recorded_settings
 from utils.cli.parse import parse_args
 from utils.cli.validate import validate
 from utils.config import Config
 from utils.data.build import build_sft_data
 from utils.distributed import init_distributed
 from utils.engine.accumulation import Window, accumulation_windows
-from utils.engine.ds_config import EngineSetup
+from utils.engine.checkpoint import build_checkpointer
 from utils.engine.loop import TrainLoop, train_step
 from utils.files import write_atomically
-from utils.model.load import build_model, count_parameters, load_tokenizer
-from utils.model.lora import apply_lora
+from utils.model.load import count_parameters
+from utils.run_setup import RunSetup
 
 MIN_WARMUP = 3
 
@@ -105,22 +105,24 @@ def parse_harness_args() -> argparse.Namespace:
     return args
 
 
-def start_like_main(flags: list[str]) -> tuple[TrainLoop, Config, EngineSetup]:
+def start_like_main(flags: list[str]) -> tuple[TrainLoop, Config, RunSetup]:
     """main.py's start-up, step for step, up to the loop it would hand `train`."""
     cfg = parse_args(flags)
-    setup = validate(cfg)
     dist = init_distributed(cfg.engine.local_rank, cfg.engine.dist_timeout_minutes)
+    setup = validate(cfg, dist)
     set_seed(cfg.data.seed)
-    tokenizer = load_tokenizer(cfg.model, cfg.data.added_token)
-    data = build_sft_data(cfg.data, tokenizer)
-    train_loader, eval_loader = build_loaders(cfg, data, tokenizer, dist, setup)
+    data = build_sft_data(cfg.data, setup.tokenizer, setup.template)
+    train_loader, eval_loader = build_loaders(cfg, data, setup, dist)
     plan = build_step_plan(cfg, train_loader)
-    model = build_model(cfg.model, tokenizer, setup.config, attention=setup.attention)
-    model = apply_lora(model, cfg.lora)
-    loss = choose_loss(cfg, model, setup, dist)
-    engine = build_engine(cfg, model, setup, plan)
-    loop = build_loop(cfg, engine, train_loader, eval_loader, dist, plan, None, loss)
-    print(f"{count_parameters(model)[0] / 1e6:.1f}M parameters; loss {loss.describe()}", flush=True)
+    checkpointer = build_checkpointer(
+        cfg.checkpoint, cfg.train.output_dir, recorded_settings(cfg, data, setup), dist
+    )
+    model = load_model(cfg, setup)
+    loop = build_loop(cfg, setup, model, train_loader, eval_loader, plan, checkpointer, dist)
+    print(
+        f"{count_parameters(model)[0] / 1e6:.1f}M parameters; loss {setup.loss.describe()}",
+        flush=True,
+    )
     return loop, cfg, setup
 
 
@@ -180,7 +182,7 @@ def time_steps(
 def summarize(
     loop: TrainLoop,
     cfg: Config,
-    setup: EngineSetup,
+    setup: RunSetup,
     steps: list[dict],
     warm: list[Window],
     ahead: list[Window],
@@ -193,11 +195,11 @@ def summarize(
     peak = torch.cuda.max_memory_allocated(device) if on_cuda else _peak_rss()
     return {
         "device": torch.cuda.get_device_name(device) if on_cuda else "cpu",
-        "dtype": setup.dtype,
+        "dtype": setup.engine.dtype,
         "zero_stage": loop.engine.zero_optimization_stage(),
         "loss_path": loop.loss.describe(),
         "parameters": count_parameters(loop.engine.module)[0],
-        "micro_batch": setup.config["train_micro_batch_size_per_gpu"],  # the merged config's
+        "micro_batch": setup.engine.config["train_micro_batch_size_per_gpu"],  # the merged config's
         "max_seq_len": cfg.data.max_seq_len,
         "warmup_steps": len(warm),
         "widths": sorted(widths(ahead)),

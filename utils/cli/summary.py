@@ -17,38 +17,28 @@ from utils.data.config import DSCHAT
 from utils.data.split import parse_data_split
 from utils.distributed import print_rank_0, warn_rank_0
 from utils.engine.accumulation import StepPlan
-from utils.engine.ds_config import CPU_BF16_AUTOCAST, EngineSetup
-from utils.model.loss import LossPath
+from utils.engine.ds_config import CPU_BF16_AUTOCAST
+from utils.run_setup import RunSetup
 
 RULE = "=" * 72
 
 
 def print_run_summary(
-    cfg: Config,
-    data: SFTData,
-    params: tuple[int, int],
-    setup: EngineSetup,
-    plan: StepPlan,
-    loss: LossPath,
+    cfg: Config, data: SFTData, params: tuple[int, int], setup: RunSetup, plan: StepPlan
 ) -> None:
     """Print the summary block and the data warnings (rank 0 only)."""
-    print_rank_0(build_summary(cfg, data, params, setup, plan, loss))
+    print_rank_0(build_summary(cfg, data, params, setup, plan))
     for warning in data_warnings(cfg, data):
         warn_rank_0(warning)
 
 
 def build_summary(
-    cfg: Config,
-    data: SFTData,
-    params: tuple[int, int],
-    setup: EngineSetup,
-    plan: StepPlan,
-    loss: LossPath,
+    cfg: Config, data: SFTData, params: tuple[int, int], setup: RunSetup, plan: StepPlan
 ) -> str:
     """The block's text. Every figure comes from what the run uses: the merged DeepSpeed
-    config (`setup`), the loader's step plan (packs, not rows, under --packing), the
-    labels' rule (--loss_on) and the loss path chosen for the model."""
-    t, ds_config = cfg.train, setup.config
+    config, attention and loss paths as start-up resolved them (`setup`), the loader's step
+    plan (packs, not rows, under --packing) and the labels' rule (--loss_on)."""
+    t, ds_config = cfg.train, setup.engine.config
     total, trainable = params
     lora = f", LoRA rank {cfg.lora.lora_dim} on '{cfg.lora.lora_module_name}'"
     capped = (
@@ -87,7 +77,7 @@ def build_summary(
         f"{_count(t.num_train_epochs, 'epoch')} = "
         f"{_count(plan.uncapped_steps, 'optimizer step')}{capped}",
         f"deepspeed    {_ds_essentials(setup, cfg)}",
-        f"loss         {loss.describe()}",
+        f"loss         {setup.loss.describe()}",
         f"attention    {setup.attention or 'default'} ({setup.attention_reason or 'transformers'})"
         f"{'; torch.compile on' if cfg.model.compile else ''}",
         f"output       {os.path.abspath(t.output_dir) if t.output_dir else '(none: dry run)'}",
@@ -188,17 +178,18 @@ def _truncated(data: SFTData) -> int:
     return sum(s.truncated_rows for s in data.sources)
 
 
-def _ds_essentials(setup: EngineSetup, cfg: Config) -> str:
-    ds = setup.config
+def _ds_essentials(setup: RunSetup, cfg: Config) -> str:
+    engine = setup.engine
+    ds = engine.config
     zero = ds.get("zero_optimization", {})
     offload = [
         k.removeprefix("offload_") for k in ("offload_optimizer", "offload_param") if k in zero
     ]
-    precision = f"{setup.dtype} ({setup.dtype_reason})"
-    if setup.autocast:
-        precision = f"{setup.dtype} ({setup.dtype_reason}; {CPU_BF16_AUTOCAST})"
+    precision = f"{engine.dtype} ({engine.dtype_reason})"
+    if engine.autocast:
+        precision = f"{engine.dtype} ({engine.dtype_reason}; {CPU_BF16_AUTOCAST})"
     return (
-        f"ZeRO stage {setup.zero_stage}, {precision}, "
+        f"ZeRO stage {engine.zero_stage}, {precision}, "
         f"offload {'+'.join(offload) if offload else 'off'}, "
         f"gradient clipping {ds.get('gradient_clipping', 'off')}, "
         f"gradient checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}"

@@ -1,8 +1,8 @@
 """Check every flag once, before any expensive work, and report all problems together.
 
 `validate` is the one validation step of main.py: the flags, the model folder, the data
-flags, the checkpoint flags and the merged DeepSpeed config. It returns the EngineSetup
-every later step reads the effective ZeRO stage and precision from.
+flags, the checkpoint flags and the merged DeepSpeed config. What it resolves on the way
+(utils/cli/resolve.py) it returns as the RunSetup every later step reads.
 """
 
 from __future__ import annotations
@@ -12,20 +12,19 @@ import os
 import tempfile
 import types
 import typing
-from dataclasses import fields, replace
+from dataclasses import fields
 
 import torch
 
+from utils.cli.resolve import load_model_files, resolve_engine, resolve_loss
 from utils.config import Config
 from utils.data.build import check_data_config
-from utils.data.chat import load_chat_template
-from utils.data.config import DSCHAT, DataConfig
 from utils.data.packing import packing_problems
+from utils.distributed import DistInfo
 from utils.engine.checkpoint import checkpoint_problems
-from utils.engine.ds_config import EngineSetup, build_ds_config, setup_problems
-from utils.engine.precision import NATIVE_BF16_CAPABILITY, detect_dtype
-from utils.engine.precision_rules import precision_problems
-from utils.errors import ConfigError, UserError, format_problems
+from utils.engine.ds_config import EngineSetup
+from utils.engine.precision import NATIVE_BF16_CAPABILITY
+from utils.errors import ConfigError, format_problems
 from utils.model.attention import (
     attention_dtype_problems,
     flash_attention_problems,
@@ -33,53 +32,53 @@ from utils.model.attention import (
     flex_attention_problems,
     resolve_attention,
 )
-from utils.model.chunked_loss import chunked_loss_config_problem
-from utils.model.config import ModelConfig
-from utils.model.folder_checks import tokenizer_problems, weight_problems
-from utils.model.load import load_model_config, max_positions
 from utils.planner.config import PlannerConfig
+from utils.run_setup import RunSetup
 
 # Float flags for which 0 is a meaningful setting ("no weight decay", "no dropout").
 ZERO_ALLOWED = {"weight_decay", "dropout"}
 
 
-def validate(cfg: Config) -> EngineSetup:
-    """Every problem with the flags, at once (ConfigError, exit 2); else the engine setup."""
-    from deepspeed.accelerator import get_accelerator
-
-    on_cuda = get_accelerator().device_name() == "cuda"
+def validate(cfg: Config, dist: DistInfo) -> RunSetup:
+    """Every problem with the flags and the files they name, at once (ConfigError, exit 2);
+    else what start-up decided. Each piece is resolved where what it is made from is valid,
+    so one bad flag hides no other problem."""
+    on_cuda = dist.device.type == "cuda"
     # Native bf16 only: torch.cuda.is_bf16_supported() also counts V100/T4's slow emulation.
-    bf16 = on_cuda and torch.cuda.get_device_capability() >= NATIVE_BF16_CAPABILITY
+    bf16 = on_cuda and torch.cuda.get_device_capability(dist.device) >= NATIVE_BF16_CAPABILITY
     problems = flag_problems(cfg, on_cuda, bf16)
-    setup = None
-    if not problems:  # the DeepSpeed config is built from the flags: only from valid ones
-        dtype, reason = detect_dtype(cfg.engine.dtype)
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        try:
-            config = build_ds_config(
-                cfg.engine, cfg.train, cfg.observe, world_size, dtype, on_cuda=on_cuda
-            )
-            setup = EngineSetup(config=config, world_size=world_size, dtype_reason=reason)
-            problems += setup_problems(setup, cfg.train, cfg.engine.deepspeed_config, on_cuda)
-            if not problems:  # on the merged config: a --deepspeed_config's stage counts
-                problems += precision_problems(
-                    setup.dtype, setup.zero_stage, on_cuda, bf16, setup.offload, cfg.engine.dtype
-                )
-            setup, more = _resolve_attention(cfg, setup, on_cuda)
-            problems += more
-        except UserError as err:
-            problems.append(str(err))
+    engine = None
+    if not engine_flag_problems(cfg, on_cuda, bf16):  # those are among the flags' problems
+        engine, more = resolve_engine(cfg, dist.world_size, on_cuda, bf16)
+        problems += more
+    files, more = load_model_files(cfg, read_files=not cfg.planner.estimate_memory)
+    problems += more
+    if engine is not None and files.config is not None:
+        attention, attention_reason, more = _resolve_attention(
+            cfg, engine, files.config, on_cuda
+        )
+        loss, more_loss = resolve_loss(cfg, files, engine, dist.device.type)
+        problems += more + more_loss
     if problems:
         raise ConfigError(format_problems(problems))
-    return setup
+    # No problem: every piece above was resolved.
+    return RunSetup(
+        engine=engine,
+        attention=attention,
+        attention_reason=attention_reason,
+        loss=loss,
+        model_config=files.config,
+        tokenizer=files.tokenizer,
+        template=files.template,
+        world_size=dist.world_size,
+    )
 
 
 def _resolve_attention(
-    cfg: Config, setup: EngineSetup, on_cuda: bool
-) -> tuple[EngineSetup, list[str]]:
-    """The setup with the attention implementation the run will use (it depends on the
-    precision the merged config trains in), and why that one cannot run, if so."""
-    config = load_model_config(cfg.model)
+    cfg: Config, setup: EngineSetup, config, on_cuda: bool
+) -> tuple[str | None, str, list[str]]:
+    """The attention implementation the run will use (it depends on the precision the merged
+    config trains in and on the model's `config`), why, and why that one cannot run, if so."""
     attention, why = resolve_attention(
         cfg.model.attn_implementation,
         model_type=config.model_type,
@@ -93,19 +92,15 @@ def _resolve_attention(
     problems += flex_attention_problems(attention, on_cuda=on_cuda, config=config)
     if cfg.batch.packing:
         problems += packing_problems(config.model_type, attention)
-    return replace(setup, attention=attention, attention_reason=why), problems
+    return attention, why, problems
 
 
 def flag_problems(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]:
     """All problems with the flags, each naming the flag, the value and the fix."""
-    problems = []
-    t, e, lo = cfg.train, cfg.engine, cfg.lora
-    if e.zero_stage not in (0, 1, 2, 3):
-        problems.append(f"--zero_stage {e.zero_stage} does not exist; use 0, 1, 2 or 3.")
+    problems = engine_flag_problems(cfg, on_cuda, bf16_supported)
+    t, lo = cfg.train, cfg.lora
     for flag, value in (
-        ("--per_device_train_batch_size", t.per_device_train_batch_size),
         ("--per_device_eval_batch_size", t.per_device_eval_batch_size),
-        ("--gradient_accumulation_steps", t.gradient_accumulation_steps),
         ("--num_train_epochs", t.num_train_epochs),
     ):
         if value < 1:
@@ -125,26 +120,36 @@ def flag_problems(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]
         problems.append("--save_lora_adapter needs LoRA: add --lora_dim 128 (or another rank).")
     problems += _planner_problems(cfg.planner)
     problems += check_data_config(cfg.data)
-    problems += _dtype_problems(e.dtype, on_cuda, bf16_supported)
     problems += flash_attention_problems(
         cfg.model.attn_implementation, on_cuda=on_cuda, flash_error=flash_attn_error()
     )
-    if e.deepspeed_config and not os.path.isfile(e.deepspeed_config):
-        problems.append(f"--deepspeed_config {e.deepspeed_config!r} does not exist.")
     if not (t.dry_run or cfg.planner.estimate_memory):
         problems += _output_dir_problems(t.output_dir)
         if cfg.observe.enable_tensorboard:
             problems += folder_problems("--tensorboard_path", cfg.observe.tensorboard_path)
     if not cfg.planner.estimate_memory:
         problems += folder_problems("--data_output_path", cfg.data.data_output_path)
-    files = not cfg.planner.estimate_memory
-    model_problems = _model_problems(cfg.model, cfg.data.max_seq_len, files)
-    problems += model_problems
-    if files and not model_problems:  # the template is checked with the tokenizer it needs
-        problems += _chat_template_problems(cfg.model, cfg.data)
     problems += checkpoint_problems(cfg.checkpoint)
     if cfg.batch.packing and cfg.batch.pad_to_max_len:
         problems.append("--packing and --pad_to_max_len exclude each other; choose one.")
+    return problems
+
+
+def engine_flag_problems(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]:
+    """Problems with the flags the DeepSpeed config is built from (it is built only without)."""
+    t, e = cfg.train, cfg.engine
+    problems = []
+    if e.zero_stage not in (0, 1, 2, 3):
+        problems.append(f"--zero_stage {e.zero_stage} does not exist; use 0, 1, 2 or 3.")
+    for flag, value in (
+        ("--per_device_train_batch_size", t.per_device_train_batch_size),
+        ("--gradient_accumulation_steps", t.gradient_accumulation_steps),
+    ):
+        if value < 1:
+            problems.append(f"{flag} {value} must be at least 1.")
+    problems += _dtype_problems(e.dtype, on_cuda, bf16_supported)
+    if e.deepspeed_config and not os.path.isfile(e.deepspeed_config):
+        problems.append(f"--deepspeed_config {e.deepspeed_config!r} does not exist.")
     return problems
 
 
@@ -221,55 +226,4 @@ def folder_problems(flag: str, path: str) -> list[str]:
             f"{flag} {path!r} cannot be created or written: making a folder in {existing!r} "
             f"fails ({err.strerror}). Choose a folder this user can write."
         ]
-    return []
-
-
-def _model_problems(model: ModelConfig, max_seq_len: int, files: bool) -> list[str]:
-    """The model's config, and with `files` its weights and tokenizer (the memory planner
-    reads only the config, so a config-only folder is enough for it). --packing is checked
-    with the attention the run resolves (`_resolve_attention`)."""
-    try:
-        config = load_model_config(model)
-    except UserError as err:
-        return [str(err)]
-    problems = []
-    if files:
-        problems += weight_problems(model.model_name_or_path)
-        problems += tokenizer_problems(model, config)
-    if model.chunked_loss == "on" and model.compile:
-        problems.append(
-            "--chunked_loss on and --compile exclude each other (the chunked loss replaces the "
-            "output layer's forward on every call, which a compiled graph cannot follow); "
-            "drop one (--chunked_loss auto with --compile uses the plain loss)."
-        )
-    if model.chunked_loss == "on" and (problem := chunked_loss_config_problem(config)):
-        problems.append(
-            f"--chunked_loss on cannot be used with this model: {problem}. Use --chunked_loss "
-            "auto (the plain loss where the chunked one would differ)."
-        )
-    limit = max_positions(config)
-    if limit is not None and max_seq_len > limit:
-        problems += [
-            f"--max_seq_len {max_seq_len} is longer than the model's {limit} positions; "
-            f"use --max_seq_len {limit} or less."
-        ]
-    return problems
-
-
-def _chat_template_problems(model: ModelConfig, data: DataConfig) -> list[str]:
-    """A --chat_template that cannot be used (none in the tokenizer, a file that does not
-    parse, an end-of-turn token the tokenizer splits), found before any data work."""
-    if data.chat_template == DSCHAT:
-        return []
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            model.tokenizer_path, trust_remote_code=model.trust_remote_code
-        )
-        load_chat_template(data.chat_template, tokenizer)
-    except UserError as err:
-        return [str(err)]
-    except (OSError, ValueError) as err:
-        return [f"{model.tokenizer_path!r}: cannot load its tokenizer ({err})"]
     return []

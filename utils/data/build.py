@@ -18,7 +18,7 @@ from utils.data.cache import (
     save_cached,
     sweep_dead_builds,
 )
-from utils.data.chat import ChatTemplate, load_chat_template
+from utils.data.chat import ChatTemplate
 from utils.data.chat_rows import conversation_reader, drop_skipped, tokenize_chat_rows
 from utils.data.common import FORMAT_VERSION, DataError, SFTData, SourceStats
 from utils.data.config import DEFAULT_EOT, DSCHAT, DataConfig
@@ -34,16 +34,18 @@ TRAIN_ONLY_SPLIT = [9.0, 1.0]  # eval rows for sources without an eval split (De
 MISSING_FIELD = "missing prompt or response"  # why the DeepSpeed-Chat path skips a row
 
 
-def build_sft_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> SFTData:
+def build_sft_data(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate | None
+) -> SFTData:
     """Phase-1 (SFT) train and eval rows, tokenised; built once and then read from the cache.
 
     Safe to call from several processes at once: one builds, the others wait and read.
     With cfg.rebuild_data_cache an entry older than this process is built again.
-    With cfg.chat_template other than dschat, every row is rendered through the template.
+    `template`: --chat_template as loaded (`load_chat_template`), every row rendered
+    through it; None for DeepSpeed-Chat's format (--chat_template dschat).
     """
     if problems := check_data_config(cfg):
         raise DataError("\n".join(problems))
-    template = load_chat_template(cfg.chat_template, tokenizer)
     split = parse_data_split(cfg.data_split)
     sources = resolve_sources(cfg.data_path, cfg.sft_only_data_path)
     key = cache_key(

@@ -1,9 +1,10 @@
 """Multi-turn demo conversations in `messages` form, for the embedded demo's chat-template run.
 
-The same knowledge base as utils/embedded.py (capitals, sums, opposites, sounds, colours,
-counting), its question/answer pairs dealt into conversations of one to three exchanges,
-a third of them opened by a system turn. Deterministic for a seed; the tiny demo model
-learns it as it learns the single-turn data (the template file sits next to this module).
+The single-turn demo's knowledge base (utils/demo/knowledge.py: capitals, sums, opposites,
+sounds, colours, counting), its question/answer pairs dealt into conversations of one to
+three exchanges, a third of them opened by a system turn. Deterministic for a seed; the tiny
+demo model learns it as it learns the single-turn data (the template file sits next to this
+module).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from utils.demo.embedded import qa_pairs
+from utils.demo.knowledge import qa_pairs
 
 TEMPLATE_PATH = Path(__file__).with_name("chatml.jinja")
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")

@@ -36,7 +36,6 @@ from typing import Any
 import torch
 
 from utils.distributed import DistInfo, barrier, print_rank_0, rank_zero_first, warn_rank_0
-from utils.engine.accumulation import DataPosition
 from utils.engine.checkpoint_checks import (
     PREFIX,
     RUN_STATE,
@@ -50,11 +49,12 @@ from utils.engine.checkpoint_checks import (
 from utils.engine.config import MAX_DISK_WAIT_MINUTES, CheckpointConfig
 from utils.engine.ds_config import EngineSetup
 from utils.engine.elastic import MARKER, with_universal_loading
+from utils.engine.position import DataPosition
 from utils.engine.preemption import install_preemption_handlers, stop_requested
 from utils.engine.resume import load_checkpoint, prepare_load, rank_0_does
 from utils.engine.resume_state import gather_rng_states
 from utils.errors import UserError
-from utils.files import fsync_tree
+from utils.files import fsync_tree, write_atomically
 
 TEMP_PREFIX = ".tmp-"
 LATEST = "latest"
@@ -143,7 +143,7 @@ def save_checkpoint(
                 time.sleep(60)
             state = {"step": step, "position": asdict(position), **record}
             state["files"] = sorted(os.listdir(temp))
-            _write_atomically(os.path.join(temp, RUN_STATE), json.dumps(state))
+            write_atomically(os.path.join(temp, RUN_STATE), json.dumps(state))
             fsync_tree(temp)
             _publish(temp, final, step, output_dir)
     return final
@@ -156,7 +156,7 @@ def _publish(temp: str, final: str, step: int, output_dir: str) -> None:
         if other_step >= step:
             unpublish(other)
     os.replace(temp, final)
-    _write_atomically(os.path.join(output_dir, LATEST), os.path.basename(final))
+    write_atomically(os.path.join(output_dir, LATEST), os.path.basename(final))
 
 
 def prune_checkpoints(output_dir: str, keep: int | None) -> None:
@@ -184,17 +184,8 @@ def sweep_stale(output_dir: str | None) -> None:
         path = os.path.join(output_dir, name)
         if name.startswith(TEMP_PREFIX + PREFIX):
             shutil.rmtree(path, ignore_errors=True)
-        elif name == f"{LATEST}.tmp":
+        elif name.startswith(f".{LATEST}.") and name.endswith(".tmp"):  # write_atomically's
             os.remove(path)
-
-
-def _write_atomically(path: str, text: str) -> None:
-    temp = f"{path}.tmp"
-    with open(temp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
 
 
 @dataclass

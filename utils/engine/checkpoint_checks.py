@@ -18,7 +18,7 @@ import torch
 
 from utils.distributed import print_rank_0
 from utils.engine.checkpoint_trust import refuse_untrusted
-from utils.engine.run_settings import GEOMETRY, describe_geometry, settings_changes
+from utils.engine.run_settings import geometry, settings_changes
 from utils.errors import UserError
 
 PREFIX = "checkpoint-"
@@ -149,10 +149,10 @@ def vet_checkpoint(
     state = read_run_state(path)
     refuse_mismatch(path, state, settings, planned)
     saved = state["settings"]
-    if any(saved[name] != settings[name] for name in GEOMETRY):
+    if geometry(saved) != geometry(settings):
         print_rank_0(
-            f"checkpoint {path}: micro-batch x ranks x accumulation {describe_geometry(saved)} "
-            f"-> {describe_geometry(settings)} (the same global batch and schedule)"
+            f"checkpoint {path}: micro-batch x ranks x accumulation {geometry(saved)} "
+            f"-> {geometry(settings)} (the same global batch and schedule)"
         )
     return state
 

@@ -25,6 +25,22 @@ MAX_DISK_WAIT_MINUTES = 180
 LOSS_AVERAGING = ("token", "micro_batch")
 
 
+@dataclass(frozen=True)
+class BatchGeometry:
+    """How many rows one optimizer step trains: micro-batch x ranks x accumulation."""
+
+    micro: int
+    world_size: int
+    accumulation: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.world_size * self.accumulation
+
+    def __str__(self) -> str:
+        return f"{self.micro} x {self.world_size} x {self.accumulation} = {self.global_batch}"
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     per_device_train_batch_size: int = flag(16, "Training micro-batch per device.")
@@ -46,6 +62,12 @@ class TrainConfig:
     dry_run: bool = flag(
         False, "Validate, build data and model config, print a JSON summary, do not train."
     )
+
+    def geometry(self, world_size: int) -> BatchGeometry:
+        """This run's batch geometry on `world_size` ranks."""
+        return BatchGeometry(
+            self.per_device_train_batch_size, world_size, self.gradient_accumulation_steps
+        )
 
 
 @dataclass(kw_only=True)

@@ -23,10 +23,7 @@ class EngineSetup:
     """
 
     config: dict
-    world_size: int
     dtype_reason: str  # why this precision (the summary prints it)
-    attention: str | None = None  # --attn_implementation resolved; None: transformers' default
-    attention_reason: str = ""
 
     @property
     def zero_stage(self) -> int:
@@ -92,8 +89,7 @@ def build_ds_config(
     GPUs (bf16 on a CPU at ZeRO-0 goes through torch.autocast: `uses_cpu_autocast`). A
     --deepspeed_config file, if given, is merged over the result so its keys win.
     """
-    micro = train.per_device_train_batch_size
-    accumulation = train.gradient_accumulation_steps
+    geometry = train.geometry(world_size)
     zero: dict = {
         "stage": engine.zero_stage,
         # Parameters small enough to stay whole on every rank at ZeRO-3 (saves gathers).
@@ -107,9 +103,9 @@ def build_ds_config(
         if engine.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     config = {
-        "train_batch_size": micro * world_size * accumulation,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": geometry.global_batch,
+        "train_micro_batch_size_per_gpu": geometry.micro,
+        "gradient_accumulation_steps": geometry.accumulation,
         # We log ourselves; DeepSpeed's own periodic prints would interleave with ours.
         "steps_per_print": 2**31 - 1,
         "zero_optimization": zero,
@@ -163,7 +159,7 @@ BATCH_KEYS = {
 
 
 def setup_problems(
-    setup: EngineSetup, train: TrainConfig, user_file: str | None, on_cuda: bool
+    setup: EngineSetup, train: TrainConfig, world_size: int, user_file: str | None, on_cuda: bool
 ) -> list[str]:
     """What in the merged config (flags, then --deepspeed_config over them) cannot train right.
 
@@ -183,8 +179,7 @@ def setup_problems(
                 f"--deepspeed_config {user_file} sets {key} {config.get(key)}, but {flag} is "
                 f"{flags[key]}; remove the key from the file or pass {flag} {config.get(key)}."
             )
-    expected = flags["train_micro_batch_size_per_gpu"] * setup.world_size
-    expected *= flags["gradient_accumulation_steps"]
+    expected = train.geometry(world_size).global_batch
     if config.get("train_batch_size") != expected:
         problems.append(
             f"--deepspeed_config {user_file} sets train_batch_size {config.get('train_batch_size')}, "

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from utils.data.sampler import LengthGroupedSampler
-from utils.engine.accumulation import DataPosition
+from utils.engine.position import DataPosition
 from utils.errors import UserError
 
 

@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader
 from utils.data.common import IGNORE_INDEX
 from utils.distributed import DistInfo, all_reduce_max, all_reduce_sum, print_rank_0
 from utils.engine.accumulation import (
-    DataPosition,
     StepPlan,
     Window,
     accumulation_windows,
@@ -28,6 +27,7 @@ from utils.engine.accumulation import (
 from utils.engine.checkpoint import Checkpointer
 from utils.engine.config import TrainConfig
 from utils.engine.elastic_position import start_epoch
+from utils.engine.position import DataPosition
 from utils.model.loss import LossPath, count_trained, prepare_batch, summed_nll
 from utils.observe.progress import RunMonitor, grad_norm
 from utils.observe.throughput import ThroughputMeter, format_throughput
@@ -38,6 +38,15 @@ class EvalResult:
     loss: float
     perplexity: float
     tokens: int
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """How training ended: its evaluations (the starting point's first, then one per epoch)
+    and, when a signal stopped it early, the signal's name (its checkpoint is written)."""
+
+    evals: list[EvalResult]
+    preempted: str | None
 
 
 @dataclass
@@ -55,12 +64,9 @@ class TrainLoop:
     loss: LossPath  # chunked or plain, decided once at start-up (utils/model/loss.py)
 
 
-def train(loop: TrainLoop, cfg: TrainConfig) -> list[EvalResult]:
+def train(loop: TrainLoop, cfg: TrainConfig) -> TrainOutcome:
     """Evaluate the starting point, then train from the checkpointer's start position,
-    evaluating after every epoch. Returns the evaluations (the starting one first).
-
-    Returns early, with `loop.checkpointer.preempted` set, when a signal stopped the run.
-    """
+    evaluating after every epoch; returns early when a signal stops the run."""
     engine, plan, position = loop.engine, loop.plan, loop.checkpointer.start
     with loop.meter.paused():  # evaluation is not training time
         results = [evaluate_and_report(loop, epoch=0, label="Epoch 0 (before training)")]
@@ -83,7 +89,7 @@ def train(loop: TrainLoop, cfg: TrainConfig) -> list[EvalResult]:
                 position = progress.advance(len(window.batches))
                 log_step(loop, epoch + 1, window, step_nll)
                 if loop.checkpointer.after_step(engine, position):
-                    return results
+                    return TrainOutcome(results, loop.checkpointer.preempted)
                 if engine.global_steps >= plan.total_steps:
                     break
             label = f"Epoch {epoch + 1}/{cfg.num_train_epochs}"
@@ -91,11 +97,11 @@ def train(loop: TrainLoop, cfg: TrainConfig) -> list[EvalResult]:
                 results.append(evaluate_and_report(loop, epoch=epoch + 1, label=label))
             position = DataPosition(epoch + 1)
             if loop.checkpointer.after_epoch(engine, position):
-                return results
+                return TrainOutcome(results, loop.checkpointer.preempted)
         print_rank_0(
             f"throughput over the run: {format_throughput(loop.meter.report(overall=True))}"
         )
-        return results
+        return TrainOutcome(results, preempted=None)
     finally:
         loop.monitor.close()
 

@@ -19,7 +19,6 @@ import zipfile
 from collections.abc import Callable
 
 from utils.distributed import DistInfo, print_rank_0, rank_zero_first
-from utils.engine.accumulation import DataPosition
 from utils.engine.checkpoint_checks import (
     RunShape,
     damaged,
@@ -34,6 +33,7 @@ from utils.engine.elastic import (
     restore_param_groups,
     universal_dir,
 )
+from utils.engine.position import DataPosition
 from utils.engine.resume_state import replay_cpu_adam_steps, set_rng_state
 from utils.errors import UserError
 

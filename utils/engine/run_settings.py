@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from utils.data.config import BatchConfig, DataConfig
-from utils.engine.config import TrainConfig
+from utils.engine.config import BatchGeometry, TrainConfig
 from utils.model.config import LoraConfig
 
 GEOMETRY = ("per_device_train_batch_size", "world_size", "gradient_accumulation_steps")
@@ -100,26 +100,26 @@ def settings_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     return changes + _global_batch_changes(saved, current)
 
 
-def describe_geometry(settings: dict[str, Any]) -> str:
-    micro, world, accumulation = (settings[name] for name in GEOMETRY)
-    return f"{micro} x {world} x {accumulation} = {micro * world * accumulation}"
+def geometry(settings: dict[str, Any]) -> BatchGeometry:
+    """The batch geometry recorded in (or about to be recorded in) a checkpoint."""
+    return BatchGeometry(*(settings[name] for name in GEOMETRY))
 
 
 def _global_batch_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    micro, _, accumulation = (saved[name] for name in GEOMETRY)
-    total = _global_batch(saved)
-    if _global_batch(current) == total:
+    old, new = geometry(saved), geometry(current)
+    total = old.global_batch
+    if new.global_batch == total:
         return []
-    world = current["world_size"]
+    micro, accumulation, world = old.micro, old.accumulation, new.world_size
     ranks = f"{world} rank" if world == 1 else f"{world} ranks"
     change = (
         "global batch (--per_device_train_batch_size x ranks x --gradient_accumulation_steps) "
-        f"{describe_geometry(saved)} in the checkpoint, {describe_geometry(current)} now: "
+        f"{old} in the checkpoint, {new} now: "
     )
     if total % world:
         return [
             change + f"{total} rows per step cannot be shared by {ranks}; run on a number "
-            f"of ranks that divides {total} (e.g. {saved['world_size']})"
+            f"of ranks that divides {total} (e.g. {old.world_size})"
         ]
     per_rank = total // world
     if per_rank % accumulation == 0:  # keep accumulation (and so rows per micro-step if it can)
@@ -132,11 +132,6 @@ def _global_batch_changes(saved: dict[str, Any], current: dict[str, Any]) -> lis
         change + f"keep it with --per_device_train_batch_size {micro} "
         f"--gradient_accumulation_steps {accumulation} on {ranks}"
     ]
-
-
-def _global_batch(settings: dict[str, Any]) -> int:
-    micro, world, accumulation = (settings[name] for name in GEOMETRY)
-    return micro * world * accumulation
 
 
 def _show(value: Any) -> str:

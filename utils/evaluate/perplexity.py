@@ -15,15 +15,19 @@ import torch
 from transformers import PreTrainedModel
 
 from utils.data.build import build_sft_data
+from utils.data.chat import ChatTemplate
 from utils.data.collate import collate
 from utils.data.config import DataConfig
 from utils.errors import UserError
 from utils.model.loss import model_nll
 
 
-def load_eval_rows(cfg: DataConfig, tokenizer, max_rows: int | None) -> list[dict]:
-    """The first `max_rows` (default all) eval rows of `cfg`, tokenised by the data layer."""
-    rows = build_sft_data(cfg, tokenizer).eval
+def load_eval_rows(
+    cfg: DataConfig, tokenizer, template: ChatTemplate | None, max_rows: int | None
+) -> list[dict]:
+    """The first `max_rows` (default all) eval rows of `cfg`, tokenised by the data layer
+    (through `template`, the chat template as loaded; None: DeepSpeed-Chat's format)."""
+    rows = build_sft_data(cfg, tokenizer, template).eval
     if max_rows is not None:
         rows = rows.select(range(min(max_rows, len(rows))))
     return list(rows)

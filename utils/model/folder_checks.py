@@ -3,7 +3,7 @@
 A truncated or garbage weights file otherwise ends in a library traceback after the data
 is built, and a folder without tokenizer files gets a degenerate tokenizer from
 transformers (no vocabulary: every text becomes the empty string) that trains "fine" to
-perplexity 1.0. Both are found here from file headers and one tokenizer load.
+perplexity 1.0. Both are found here from file headers and the tokenizer validation loads.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import zipfile
 
 from safetensors import SafetensorError, safe_open
-from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from utils.model.config import ModelConfig
 
@@ -85,19 +85,12 @@ def _file_problem(file: str) -> str | None:
     return None
 
 
-def tokenizer_problems(cfg: ModelConfig, config: PretrainedConfig) -> list[str]:
-    """Problems with the tokenizer training would use: it loads, it turns text into ids,
-    and its vocabulary covers the model's embedding rows (less padding)."""
-    source = cfg.tokenizer_path
-    flag = "--tokenizer_name_or_path" if cfg.tokenizer_name_or_path else "--model_name_or_path"
-    fix = (
-        f"copy the model's tokenizer files into {source!r} (tokenizer.save_pretrained), "
-        "or pass --tokenizer_name_or_path with the folder or hub name of its tokenizer."
-    )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError, TypeError) as err:
-        return [f"{flag} {source!r}: cannot load a tokenizer ({err}); {fix}"]
+def tokenizer_problems(
+    cfg: ModelConfig, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase
+) -> list[str]:
+    """Problems with the tokenizer training would use: it turns text into ids, and its
+    vocabulary covers the model's embedding rows (less padding)."""
+    flag, source, fix = _tokenizer_source(cfg)
     if reason := unusable_tokenizer(tokenizer):
         return [f"{flag} {source!r} has no usable tokenizer ({reason}); {fix}"]
     rows = getattr(config.get_text_config(), "vocab_size", None)
@@ -108,6 +101,22 @@ def tokenizer_problems(cfg: ModelConfig, config: PretrainedConfig) -> list[str]:
             "own with --tokenizer_name_or_path."
         ]
     return []
+
+
+def unloadable_tokenizer(cfg: ModelConfig, err: Exception) -> str:
+    """The problem when the tokenizer cannot be loaded at all (`err`: what loading raised)."""
+    flag, source, fix = _tokenizer_source(cfg)
+    return f"{flag} {source!r}: cannot load a tokenizer ({err}); {fix}"
+
+
+def _tokenizer_source(cfg: ModelConfig) -> tuple[str, str, str]:
+    source = cfg.tokenizer_path
+    flag = "--tokenizer_name_or_path" if cfg.tokenizer_name_or_path else "--model_name_or_path"
+    fix = (
+        f"copy the model's tokenizer files into {source!r} (tokenizer.save_pretrained), "
+        "or pass --tokenizer_name_or_path with the folder or hub name of its tokenizer."
+    )
+    return flag, source, fix
 
 
 def unusable_tokenizer(tokenizer: PreTrainedTokenizerBase) -> str | None:

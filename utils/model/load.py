@@ -8,6 +8,7 @@ path string. Remote code runs only with --trust_remote_code.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 
 import torch
@@ -103,21 +104,33 @@ def padded_vocab_size(tokenizer: PreTrainedTokenizerBase) -> int:
     return round_up(len(tokenizer), 8)
 
 
+def one_layer_on_meta(config: PretrainedConfig, trust_remote_code: bool) -> PreTrainedModel:
+    """The model's architecture with one decoder layer, on the meta device (no weights, no
+    memory): its module names and output layer, for what is decided before it loads."""
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = 1  # attribute_map routes this to n_layer for GPT-2
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def build_model(
     cfg: ModelConfig,
+    config: PretrainedConfig,
     tokenizer: PreTrainedTokenizerBase,
     ds_config: dict | None = None,
     on_meta: bool = False,
     attention: str | None = None,
 ) -> PreTrainedModel:
-    """The causal LM, with dropout override, pad/eos ids set and embeddings resized.
+    """The causal LM, with pad/eos ids set and embeddings resized.
 
-    `on_meta` builds the architecture without allocating or reading weights (dry runs).
-    `attention`: the attention implementation validation resolved (None: transformers'
-    default, sdpa where the model has it); under flex_attention a packed batch's examples
-    are kept apart by a block mask built from its position ids (`mask_documents`).
+    `config`: the model's config as validation loaded it (`load_model_config`: --dropout
+    applied); the model gets a copy. `on_meta` builds the architecture without allocating or
+    reading weights (dry runs). `attention`: the attention implementation validation
+    resolved (None: transformers' default, sdpa where the model has it); under
+    flex_attention a packed batch's examples are kept apart by a block mask built from its
+    position ids (`mask_documents`).
     """
-    config = load_model_config(cfg)
+    config = copy.deepcopy(config)
     if on_meta:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(

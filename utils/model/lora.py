@@ -70,6 +70,16 @@ def resolve_lora_targets(model: nn.Module, module_name: str) -> list[str]:
     )
 
 
+def adapts_output_layer(model: nn.Module, cfg: LoraConfig) -> bool:
+    """Whether LoRA would wrap the model's output layer (--lora_module_name matches its name):
+    the chunked loss then cannot run the layer's own forward in its place."""
+    if not cfg.enabled:
+        return False
+    head = model.get_output_embeddings()
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    return name in resolve_lora_targets(model, cfg.lora_module_name)
+
+
 def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> nn.Module:
     """Wrap the target linear layers in LoRA adapters; return the model to train.
 

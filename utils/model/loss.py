@@ -3,7 +3,7 @@ verification and prompt_eval's perplexity all use, so their numbers agree.
 
 Two paths compute it. The plain one takes the model's `[batch, seq, vocab]` logits; the
 chunked one (utils/model/chunked_loss.py) never holds more than a chunk of them. Which one a
-run uses is decided once, at start-up (`choose_loss_path`), and carried by the loop.
+run uses is decided once, at start-up (`decide_loss_path`), and carried by the loop.
 
 Sums are always reduced in fp32: an fp16 sum overflows past 65,504 nats (16x512 tokens at
 loss 8) and a bf16 sum rounds every addition (biasing loss and perplexity low).
@@ -32,7 +32,7 @@ from utils.model.chunked_loss import (
 
 @dataclass(frozen=True)
 class LossPath:
-    """How a run computes its loss; decided once (`choose_loss_path`), never per step."""
+    """How a run computes its loss; decided once (`decide_loss_path`), never per step."""
 
     chunked: bool
     fp32: bool  # plain path: --compute_fp32_loss (the chunked path's softmax is always fp32)
@@ -40,6 +40,12 @@ class LossPath:
     chunk_tokens: int = 0
     mode: str = "fused"
     kernel: str = "torch"
+
+    @property
+    def kind(self) -> str:
+        """ "plain", or the chunked loss's mode ("fused" or "recompute"): what the memory
+        planner sizes."""
+        return self.mode if self.chunked else "plain"
 
     def describe(self) -> str:
         if not self.chunked:
@@ -49,33 +55,43 @@ class LossPath:
 
 
 PLAIN_FP32 = LossPath(chunked=False, fp32=True, reason="the reference loss")
+# Why --compile rules the chunked loss out.
+COMPILED = (
+    "the chunked loss replaces the output layer's forward on every call, which a compiled "
+    "graph cannot follow"
+)
 
 
-def choose_loss_path(
-    model: torch.nn.Module,
+def decide_loss_path(
     setting: str,
+    problem: str | None,
     *,
     zero_stage: int,
     device_type: str,
     fp32: bool,
     compiled: bool,
+    vocab: int,
 ) -> LossPath:
-    """The chunked loss wherever it equals the model's own loss (`setting` "auto" or "on"),
-    else the plain loss. `zero_stage` is the merged DeepSpeed config's; `compiled`: --compile.
+    """The one rule for a run's loss, which validation, the run and the memory planner read:
+    the chunked loss wherever it equals the model's own loss (`setting` "auto" or "on"),
+    else the plain loss. A UserError where --chunked_loss on cannot hold.
+
+    `problem`: why the chunked loss would differ from this model's plain loss (None: it
+    would not); `zero_stage`: the merged DeepSpeed config's; `compiled`: --compile;
+    `vocab`: the output layer's rows (used only on the chunked path).
 
     Measured on a CPU (bench/memory.py --chunked_loss): 4-5x lower peak memory at vocab 50k
     and 128k, and no slower, so "auto" means on wherever it is exact.
     """
     if setting == "off":
         return LossPath(chunked=False, fp32=fp32, reason="--chunked_loss off")
-    if compiled:  # validation refuses --chunked_loss on with --compile
-        return LossPath(
-            chunked=False,
-            fp32=fp32,
-            reason="--compile: the chunked loss replaces the output layer's forward on every "
-            "call, which a compiled graph cannot follow",
-        )
-    problem = chunked_loss_problem(model)
+    if compiled:
+        if setting == "on":
+            raise UserError(
+                f"--chunked_loss on and --compile exclude each other ({COMPILED}); drop one "
+                "(--chunked_loss auto with --compile uses the plain loss)."
+            )
+        return LossPath(chunked=False, fp32=fp32, reason=f"--compile: {COMPILED}")
     if problem is not None:
         if setting == "on":
             raise UserError(
@@ -92,14 +108,36 @@ def choose_loss_path(
     )
     if no_liger:
         why += f"; {no_liger}"
-    head = causal_lm(model).get_output_embeddings()
     return LossPath(
         chunked=True,
         fp32=True,
         reason=f"--chunked_loss {setting}; never holds [batch, seq, vocab] logits ({why})",
-        chunk_tokens=default_chunk_tokens(head.out_features),
+        chunk_tokens=default_chunk_tokens(vocab),
         mode=mode,
         kernel=kernel,
+    )
+
+
+def choose_loss_path(
+    model: torch.nn.Module,
+    setting: str,
+    *,
+    zero_stage: int,
+    device_type: str,
+    fp32: bool,
+    compiled: bool,
+) -> LossPath:
+    """`decide_loss_path` for a model already built, its output layer checked as it is (a
+    run decides before its model loads, from the config: utils/cli/resolve.py)."""
+    head = causal_lm(model).get_output_embeddings()
+    return decide_loss_path(
+        setting,
+        chunked_loss_problem(model),
+        zero_stage=zero_stage,
+        device_type=device_type,
+        fp32=fp32,
+        compiled=compiled,
+        vocab=getattr(head, "out_features", 0),  # read only where the head is a plain Linear
     )
 
 

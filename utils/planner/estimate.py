@@ -1,8 +1,6 @@
 """Memory planner for `--estimate_memory`: what a run needs per GPU and per node.
 
-Computed from the model's config alone: parameters are counted on a 1- and a
-2-layer copy built on the meta device (no weights allocated) and extrapolated to
-the real depth, so any transformers causal LM with uniform layers works.
+Computed from the model's config alone (its shape: utils/planner/shape.py).
 
 Model states (parameters, gradients, optimizer states) come from DeepSpeed's own
 estimators (`estimate_zero2/3_model_states_mem_needs`) for the case they cover:
@@ -13,40 +11,30 @@ DeepSpeed does not estimate. Sizes are in GB of 2**30 bytes, as DeepSpeed prints
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig
-
-from utils.config import Config
 from utils.engine.config import EngineConfig
-from utils.model.chunked_loss import chunked_loss_config_problem
 from utils.model.config import LoraConfig
-from utils.model.lora import resolve_lora_targets
 from utils.planner.config import PlannerConfig
-from utils.planner.loss_memory import estimate_loss_memory, planned_loss_mode
+from utils.planner.loss_memory import estimate_loss_memory
+from utils.planner.shape import ModelShape
 
 GB = 2**30
 BUFFER_FACTOR = 1.5  # DeepSpeed's default `additional_buffer_factor` for host memory
-FFN_KEYS = ("intermediate_size", "ffn_dim", "n_inner")
 
 
 @dataclass(frozen=True)
-class ModelShape:
-    """Parameter counts and the dimensions activations depend on."""
+class PlanInputs:
+    """What a run's memory depends on besides the model's shape (utils/cli/memory_plan.py
+    fills it from the flags and the resolved setup)."""
 
-    total_params: int  # tied weights counted once
-    largest_layer_params: int  # biggest single module, what ZeRO-3 gathers at once
-    lora_params: int
-    lora_linears_per_layer: int
-    hidden: int
-    layers: int
-    heads: int
-    ffn: int
-    vocab: int
-    gated_mlp: bool
-    chunked_loss_exact: bool  # logits are head(hidden states): the chunked loss applies
+    engine: EngineConfig  # the precision the GPUs train in; the merged config's stage, offload
+    lora: LoraConfig
+    planner: PlannerConfig
+    micro_batch: int  # sequences per GPU (--per_device_train_batch_size)
+    seq_len: int  # tokens per sequence (--max_seq_len)
+    checkpointing: bool  # --gradient_checkpointing
+    loss_mode: str  # "plain", or the chunked loss's "fused" or "recompute"
 
 
 @dataclass(frozen=True)
@@ -62,56 +50,6 @@ class ModelStates:
     @property
     def total(self) -> int:
         return self.params + self.grads + self.optimizer
-
-
-def _ffn_size(config: PretrainedConfig) -> int:
-    for key in FFN_KEYS:
-        if getattr(config, key, None):
-            return getattr(config, key)
-    return 4 * config.hidden_size  # GPT-2 leaves n_inner unset meaning 4 * hidden
-
-
-def _meta_model(config: PretrainedConfig, layers: int) -> torch.nn.Module:
-    config = copy.deepcopy(config)
-    config.num_hidden_layers = layers  # attribute_map routes this to n_layer for GPT-2
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
-def _count(model: torch.nn.Module, lora: LoraConfig) -> tuple[int, int, int, int]:
-    unique = {id(p): p.numel() for p in model.parameters()}
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    lora_params = targets = 0
-    if lora.enabled:
-        names = resolve_lora_targets(model, lora.lora_module_name)
-        targets = len(names)
-        for name in names:
-            weight = model.get_submodule(name).weight  # (out, in); transposed for GPT-2's Conv1D
-            lora_params += lora.lora_dim * sum(weight.shape)
-    return sum(unique.values()), largest, lora_params, targets
-
-
-def measure_shape(config: PretrainedConfig, lora: LoraConfig) -> ModelShape:
-    """Counts for the full depth from a 1- and a 2-layer meta model (layers are uniform)."""
-    one_layer = _meta_model(config, 1)
-    one = _count(one_layer, lora)
-    two = _count(_meta_model(config, 2), lora)
-    layers = config.num_hidden_layers
-    per_layer = [b - a for a, b in zip(one, two, strict=True)]
-    total, _, lora_params, _ = (a + (layers - 1) * d for a, d in zip(one, per_layer, strict=True))
-    return ModelShape(
-        total_params=total,
-        largest_layer_params=max(one[1], two[1]),
-        lora_params=lora_params,
-        lora_linears_per_layer=per_layer[3],
-        hidden=config.hidden_size,
-        layers=layers,
-        heads=config.num_attention_heads,
-        ffn=_ffn_size(config),
-        vocab=config.vocab_size,
-        gated_mlp=any(n.endswith("gate_proj") for n, _ in one_layer.named_modules()),
-        chunked_loss_exact=chunked_loss_config_problem(config) is None,
-    )
 
 
 def deepspeed_model_states(
@@ -240,18 +178,15 @@ class MemoryPlan:
         return self.states.total + self.activations
 
 
-def plan_memory(shape: ModelShape, cfg: Config) -> MemoryPlan:
-    engine = cfg.engine
-    if engine.dtype == "auto":
-        engine = replace(engine, dtype="bf16")  # GPUs train in 16 bits under "auto"
-    states = estimate_model_states(shape, cfg.lora, engine, cfg.planner)
+def plan_memory(shape: ModelShape, inputs: PlanInputs) -> MemoryPlan:
+    states = estimate_model_states(shape, inputs.lora, inputs.engine, inputs.planner)
     activations = estimate_activations(
         shape,
-        cfg.train.per_device_train_batch_size,
-        cfg.data.max_seq_len,
-        cfg.model.gradient_checkpointing,
-        cfg.lora,
-        engine.dtype,
-        loss_mode=planned_loss_mode(shape, cfg, engine.zero_stage),
+        inputs.micro_batch,
+        inputs.seq_len,
+        inputs.checkpointing,
+        inputs.lora,
+        inputs.engine.dtype,
+        loss_mode=inputs.loss_mode,
     )
     return MemoryPlan(shape, states, activations)

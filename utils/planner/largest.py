@@ -7,8 +7,8 @@ import copy
 
 from transformers import PretrainedConfig
 
-from utils.config import Config
-from utils.planner.estimate import FFN_KEYS, GB, MemoryPlan, measure_shape, plan_memory
+from utils.planner.estimate import GB, MemoryPlan, PlanInputs, plan_memory
+from utils.planner.shape import FFN_KEYS, measure_shape
 
 MAX_HEADS = 1 << 12
 
@@ -37,18 +37,18 @@ def scale_config(config: PretrainedConfig, heads: int) -> PretrainedConfig:
 
 
 def largest_fitting_model(
-    config: PretrainedConfig, cfg: Config
+    config: PretrainedConfig, inputs: PlanInputs
 ) -> tuple[MemoryPlan, PretrainedConfig] | None:
     """Plan and config of the largest scaled model within --gpu_memory_gb per GPU.
 
     Only GPU memory bounds the search: with --offload check the host memory it
     reports. Searching stops at MAX_HEADS attention heads.
     """
-    budget = cfg.planner.gpu_memory_gb * GB
+    budget = inputs.planner.gpu_memory_gb * GB
 
     def plan(heads: int) -> tuple[MemoryPlan, PretrainedConfig]:
         scaled = scale_config(config, heads)
-        return plan_memory(measure_shape(scaled, cfg.lora), cfg), scaled
+        return plan_memory(measure_shape(scaled, inputs.lora), inputs), scaled
 
     def fits(heads: int) -> bool:
         return plan(heads)[0].total_per_gpu <= budget

@@ -1,19 +1,14 @@
 """The memory of the output layer's logits and the loss, for the planner (--estimate_memory).
 
 The plain loss holds [tokens, vocab] logits; the chunked loss (utils/model/chunked_loss.py)
-one chunk of them, which is why it is on by default (`planned_loss_mode` mirrors main.py's
-choice from the flags and the model's config).
+one chunk of them, which is why it is on by default. Which one a run computes is decided
+once, at start-up (utils/model/loss.py `decide_loss_path`); the planner sizes that one.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from utils.config import Config
-from utils.model.chunked_loss import chunked_loss_mode, default_chunk_tokens
-
-if TYPE_CHECKING:  # estimate.py imports this module
-    from utils.planner.estimate import ModelShape
+from utils.model.chunked_loss import default_chunk_tokens
+from utils.planner.shape import ModelShape
 
 
 def estimate_loss_memory(shape: ModelShape, tokens: int, dtype: str, loss_mode: str) -> int:
@@ -30,11 +25,3 @@ def estimate_loss_memory(shape: ModelShape, tokens: int, dtype: str, loss_mode: 
     chunk = min(tokens, default_chunk_tokens(shape.vocab))
     held = shape.vocab * shape.hidden * (4 if dtype == "fp32" else 2) if loss_mode == "fused" else 0
     return chunk * shape.vocab * per_logit + held
-
-
-def planned_loss_mode(shape: ModelShape, cfg: Config, zero_stage: int) -> str:
-    """The loss main.py would use: "plain", or the chunked loss's "fused"/"recompute"."""
-    model = cfg.model
-    if model.chunked_loss == "off" or model.compile or not shape.chunked_loss_exact:
-        return "plain"
-    return chunked_loss_mode(zero_stage)
