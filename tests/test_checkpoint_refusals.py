@@ -24,7 +24,7 @@ from utils.cli.parse import parse_args
 from utils.data.build import build_sft_data
 from utils.demo.tiny import build_opt_model
 from utils.distributed import DistInfo
-from utils.engine.accumulation import DataPosition
+from utils.engine.position import DataPosition
 from utils.engine.checkpoint import build_checkpointer
 from utils.engine.checkpoint_checks import RUN_STATE, param_shapes
 from utils.engine.run_settings import run_settings
