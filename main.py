@@ -110,7 +110,7 @@ def build_loaders(cfg: Config, data: SFTData, tokenizer, dist: DistInfo, setup: 
         seed=cfg.data.seed,
         mask_dtype=TORCH_DTYPES[setup.dtype],
         flat_packs=uses_flat_packs(cfg.batch.packing, setup.attention),
-        on_gpu=dist.device.type == "cuda",
+        workers=setup.loader,
         **geometry,
     )
     eval_loader = build_eval_loader(

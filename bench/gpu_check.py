@@ -43,7 +43,7 @@ from datasets import Dataset
 from transformers import OPTConfig, OPTForCausalLM
 
 from utils.data.config import BatchConfig
-from utils.data.loaders import build_train_loader
+from utils.data.loaders import build_train_loader, choose_loader_workers, open_batches
 from utils.distributed import init_distributed
 from utils.engine.precision import TORCH_DTYPES
 from utils.model.attention import FLASH_ATTENTION, flash_attn_installed
@@ -142,7 +142,8 @@ def run_one(name: str, args, dataset, device: torch.device, dtype: str) -> dict 
     loader = build_train_loader(
         dataset, batch_cfg, micro_batch=8, max_seq_len=args.max_seq_len, pad_token_id=PAD,
         seed=args.seed, rank=0, world_size=1, mask_dtype=TORCH_DTYPES[dtype],
-        flat_packs=name == "varlen", on_gpu=on_cuda,
+        flat_packs=name == "varlen",
+        workers=choose_loader_workers(None, on_cuda=on_cuda, masked_packs=name == "packing"),
     )  # fmt: skip
     loss = choose_loss_path(
         model, "on" if name == "chunked" else "off", zero_stage=2,
@@ -187,7 +188,8 @@ def _forever(loader):
     epoch = 0
     while True:
         loader.sampler.set_epoch(epoch)
-        yield from loader
+        with open_batches(loader) as batches:  # its workers stop when the variant is done
+            yield from batches
         epoch += 1
 
 

@@ -74,6 +74,7 @@ OURS = {
     "--attn_implementation",
     "--compile",
     "--dist_timeout_minutes",
+    "--dataloader_num_workers",
 }
 
 

@@ -20,6 +20,7 @@ from utils.config import Config
 from utils.data.build import check_data_config
 from utils.data.chat import load_chat_template
 from utils.data.config import DSCHAT, DataConfig
+from utils.data.loaders import choose_loader_workers
 from utils.data.packing import packing_problems
 from utils.engine.checkpoint import checkpoint_problems
 from utils.engine.ds_config import EngineSetup, build_ds_config, setup_problems
@@ -31,6 +32,7 @@ from utils.model.attention import (
     flash_attention_problems,
     flash_attn_installed,
     resolve_attention,
+    uses_flat_packs,
 )
 from utils.model.chunked_loss import chunked_loss_config_problem
 from utils.model.config import ModelConfig
@@ -66,6 +68,7 @@ def validate(cfg: Config) -> EngineSetup:
                 )
             setup, more = _resolve_attention(cfg, setup, on_cuda)
             problems += more
+            setup = _resolve_loader(cfg, setup, on_cuda)
         except UserError as err:
             problems.append(str(err))
     if problems:
@@ -92,6 +95,17 @@ def _resolve_attention(
     if cfg.batch.packing:
         problems += packing_problems(model_type, attention)
     return replace(setup, attention=attention, attention_reason=why), problems
+
+
+def _resolve_loader(cfg: Config, setup: EngineSetup, on_cuda: bool) -> EngineSetup:
+    """The setup with who collates the training batches (packs that carry an attention
+    mask, i.e. without a variable-length attention, are the costly ones)."""
+    packing = cfg.batch.packing
+    masked_packs = packing and not uses_flat_packs(packing, setup.attention)
+    workers = choose_loader_workers(
+        cfg.batch.dataloader_num_workers, on_cuda=on_cuda, masked_packs=masked_packs
+    )
+    return replace(setup, loader=workers)
 
 
 def flag_problems(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]:
@@ -143,6 +157,8 @@ def flag_problems(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]
     problems += checkpoint_problems(cfg.checkpoint)
     if cfg.batch.packing and cfg.batch.pad_to_max_len:
         problems.append("--packing and --pad_to_max_len exclude each other; choose one.")
+    if (workers := cfg.batch.dataloader_num_workers) is not None and workers < 0:
+        problems.append(f"--dataloader_num_workers {workers} must be 0 or more (or left out).")
     return problems
 
 

@@ -7,6 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from utils.data.loaders import NO_WORKERS, LoaderWorkers
 from utils.engine.config import EngineConfig, TrainConfig
 from utils.errors import UserError
 from utils.observe.config import ObserveConfig
@@ -27,6 +28,7 @@ class EngineSetup:
     dtype_reason: str  # why this precision (the summary prints it)
     attention: str | None = None  # --attn_implementation resolved; None: transformers' default
     attention_reason: str = ""
+    loader: LoaderWorkers = NO_WORKERS  # who collates training batches (utils/data/loaders.py)
 
     @property
     def zero_stage(self) -> int:
