@@ -101,7 +101,7 @@ class BatchConfig:
         None,
         "Processes that collate training micro-batches, started by spawn (0: the training "
         "process does it). Default: 2 for --packing with attention masks on a GPU (costly "
-        "to build), else 0 (a micro-batch takes well under a millisecond).",
+        "to build), else 0 (about a millisecond a micro-batch).",
     )
 
 

@@ -50,11 +50,13 @@ class _Rows:
         ]
 
 
-# Measured with bench/loader_workers.py (HH-RLHF lengths, micro-batch 8, seq 512, one CPU
-# core): padded batches take ~0.4 ms to read and collate, far below a GPU step (30-200 ms);
-# packed rows with their [8, 1, 512, 512] attention masks take ~8 ms, growing with the
-# square of --max_seq_len. Workers pay off only for the latter, and only beside a GPU: on a
-# CPU they would compete with training for the cores.
+# Measured with bench/loader_workers.py (HH-RLHF lengths, micro-batch 8, a shared 2-core
+# CPU): reading and collating padded batches costs the training process ~1.2 ms a
+# micro-batch, far below a GPU step (30-200 ms), and receiving them from workers more
+# (2.6x); packed rows with their [8, 1, seq, seq] attention masks cost ~8 ms at seq 512 and
+# ~31 ms at 1024 (the square of --max_seq_len), workers 0.57x and 0.40x of that. Workers
+# pay off only for the latter, and only beside a GPU: on a CPU they would compete with
+# training for the cores.
 AUTO_WORKERS = 2
 START_METHOD = "spawn"  # not forkserver: its server dies of the SIGTERM a scheduler sends
 
@@ -88,7 +90,7 @@ def choose_loader_workers(
     elif on_cuda and masked_packs:
         count, reason = AUTO_WORKERS, "auto: packed rows' attention masks are costly to build"
     else:
-        count, reason = 0, "auto: a micro-batch takes well under a millisecond to collate"
+        count, reason = 0, "auto: a micro-batch takes about a millisecond to collate"
     return LoaderWorkers(count=count, pin_memory=on_cuda, reason=reason)
 
 
