@@ -5,7 +5,9 @@ worker processes that ignore the scheduler's signals) and TensorBoard and the cu
 ending at --max_steps, on SIGUSR1 (exit 75), on an error mid-epoch and on Ctrl-C. Each
 must exit within QUIET_S of its last output line (a run that hangs is killed and fails
 the test) and no process it started may outlive it: every process the run starts
-inherits a tag in its environment, so a leftover is found after the run has gone.
+inherits a tag in its environment, so a leftover is found after the run has gone. And
+nothing may keep a finished run's frames (its engine, its loaders) alive: drawing the
+curves did.
 """
 
 from __future__ import annotations
@@ -156,7 +158,8 @@ def start(model_dir, data_dir, tmp_path, *extra: str, python_args=("main.py",)) 
 def assert_exited_cleanly(run: Run) -> None:
     assert run.workers_seen() >= 1, "the run never started a loader worker: nothing was tested"
     assert "loader       1 worker process (spawn)" in run.text()
-    assert not run.survivors(), f"processes outlived the run: {run.survivors()}"
+    survivors = run.survivors()
+    assert not survivors, f"processes outlived the run: {survivors}"
     assert (run.log.parent / "out" / "training_curves.png").is_file()  # the curves were drawn
 
 
