@@ -113,7 +113,7 @@ def build_loaders(cfg: Config, data: SFTData, setup: RunSetup, dist: DistInfo):
         seed=cfg.data.seed,
         mask_dtype=TORCH_DTYPES[setup.engine.dtype],
         pack_layout=pack_layout(setup.attention),
-        on_gpu=dist.device.type == "cuda",
+        workers=setup.loader,
         **geometry,
     )
     eval_loader = build_eval_loader(

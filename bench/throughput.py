@@ -53,7 +53,7 @@ import utils.engine.loop as loop_module
 from bench.data_prep import load_opt_tokenizer, rm_static_rows, write_source
 from utils.data.build import build_sft_data
 from utils.data.config import BatchConfig, DataConfig
-from utils.data.loaders import build_eval_loader, build_train_loader
+from utils.data.loaders import build_eval_loader, build_train_loader, choose_loader_workers
 from utils.distributed import init_distributed
 from utils.engine.accumulation import StepPlan
 from utils.engine.checkpoint import build_checkpointer
@@ -162,7 +162,8 @@ def start_run(name: str, train_rows, args, dist, work: str) -> Run:
     loader = build_train_loader(
         train_rows, batch_cfg, micro_batch=args.batch, max_seq_len=args.max_seq_len,
         pad_token_id=PAD, seed=args.seed, rank=0, world_size=1,
-        mask_dtype=TORCH_DTYPES[dtype], on_gpu=on_cuda,
+        mask_dtype=TORCH_DTYPES[dtype],
+        workers=choose_loader_workers(None, on_cuda=on_cuda, masked_packs=batch_cfg.packing),
     )  # fmt: skip
     run = Run(name, engine, loader, steps=len(loader))
     if name == "R":

@@ -24,9 +24,9 @@ from utils.cli.parse import parse_args
 from utils.data.build import build_sft_data
 from utils.demo.tiny import build_opt_model
 from utils.distributed import DistInfo
-from utils.engine.position import DataPosition
 from utils.engine.checkpoint import build_checkpointer
 from utils.engine.checkpoint_checks import RUN_STATE, param_shapes
+from utils.engine.position import DataPosition
 from utils.engine.run_settings import run_settings
 from utils.errors import UserError
 from utils.model.load import load_tokenizer

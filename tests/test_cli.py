@@ -77,6 +77,7 @@ OURS = {
     "--compile",
     "--dist_timeout_minutes",
     "--config",
+    "--dataloader_num_workers",
 }
 
 

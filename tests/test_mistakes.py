@@ -162,6 +162,7 @@ def test_a_model_folder_without_a_tokenizer_trains_with_tokenizer_name_or_path(
         (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size 0 must be at"),
         (["--data_split", "1,2"], "--data_split '1,2': give 3 comma-separated weights"),
         (["--disk_full_wait_minutes", "-1"], "--disk_full_wait_minutes -1 must be between 0"),
+        (["--dataloader_num_workers", "-1"], "--dataloader_num_workers -1 must be 0 or more"),
     ],
 )
 def test_a_number_that_makes_no_sense_is_refused(capsys, tmp_path, models, data, flags, expected):

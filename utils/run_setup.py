@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from utils.data.chat import ChatTemplate
+from utils.data.loaders import LoaderWorkers
 from utils.engine.ds_config import EngineSetup
 from utils.model.loss import LossPath
 
@@ -29,3 +30,4 @@ class RunSetup:
     tokenizer: PreTrainedTokenizerBase | None  # None: --estimate_memory reads no files
     template: ChatTemplate | None  # None: DeepSpeed-Chat's format (or --estimate_memory)
     world_size: int  # the process group's, which exists before validation
+    loader: LoaderWorkers  # who collates the training batches, into pinned memory or not

@@ -72,6 +72,7 @@ def build_summary(
         f"{'packed rows' if cfg.batch.packing else 'sequences'} per device x "
         f"{_count(setup.world_size, 'rank')} x {ds_config['gradient_accumulation_steps']} accumulation "
         f"= {ds_config['train_batch_size']} per optimizer step",
+        f"loader       {setup.loader.describe()}",
         f"steps        {_count(plan.micro_batches_per_epoch, 'micro-batch', 'es')} = "
         f"{_count(plan.steps_per_epoch, 'step')} per epoch x "
         f"{_count(t.num_train_epochs, 'epoch')} = "

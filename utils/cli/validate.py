@@ -19,7 +19,8 @@ import torch
 from utils.cli.resolve import load_model_files, resolve_engine, resolve_loss
 from utils.config import Config
 from utils.data.build import check_data_config
-from utils.data.packing import packing_problems
+from utils.data.loaders import LoaderWorkers, choose_loader_workers
+from utils.data.packing import pack_layout, packing_problems
 from utils.distributed import DistInfo
 from utils.engine.checkpoint import checkpoint_problems
 from utils.engine.ds_config import EngineSetup
@@ -71,6 +72,7 @@ def validate(cfg: Config, dist: DistInfo) -> RunSetup:
         tokenizer=files.tokenizer,
         template=files.template,
         world_size=dist.world_size,
+        loader=_resolve_loader(cfg, attention, on_cuda),
     )
 
 
@@ -93,6 +95,15 @@ def _resolve_attention(
     if cfg.batch.packing:
         problems += packing_problems(config.model_type, attention)
     return attention, why, problems
+
+
+def _resolve_loader(cfg: Config, attention: str | None, on_cuda: bool) -> LoaderWorkers:
+    """Who collates the training batches: packs that carry an attention mask are the costly
+    ones (the layout follows the attention the run resolved)."""
+    masked_packs = cfg.batch.packing and pack_layout(attention) == "mask"
+    return choose_loader_workers(
+        cfg.batch.dataloader_num_workers, on_cuda=on_cuda, masked_packs=masked_packs
+    )
 
 
 def flag_problems(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]:
@@ -132,6 +143,8 @@ def flag_problems(cfg: Config, on_cuda: bool, bf16_supported: bool) -> list[str]
     problems += checkpoint_problems(cfg.checkpoint)
     if cfg.batch.packing and cfg.batch.pad_to_max_len:
         problems.append("--packing and --pad_to_max_len exclude each other; choose one.")
+    if (workers := cfg.batch.dataloader_num_workers) is not None and workers < 0:
+        problems.append(f"--dataloader_num_workers {workers} must be 0 or more (or left out).")
     return problems
 
 

@@ -97,6 +97,12 @@ class BatchConfig:
         "dschat (DeepSpeed-Chat), 'response' with a template.",
         choices=LOSS_ON,
     )
+    dataloader_num_workers: int | None = flag(
+        None,
+        "Processes that collate training micro-batches, started by spawn (0: the training "
+        "process does it). Default: 2 for --packing with attention masks on a GPU (costly "
+        "to build), else 0 (about a millisecond a micro-batch).",
+    )
 
 
 def effective_loss_on(loss_on: str | None, chat_template: str) -> str:

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from utils.data.common import IGNORE_INDEX
+from utils.data.loaders import open_batches
 from utils.distributed import DistInfo, all_reduce_max, all_reduce_sum, print_rank_0
 from utils.engine.accumulation import (
     StepPlan,
@@ -26,7 +27,7 @@ from utils.engine.accumulation import (
 )
 from utils.engine.checkpoint import Checkpointer
 from utils.engine.config import TrainConfig
-from utils.engine.elastic_position import start_epoch
+from utils.engine.elastic_position import EpochProgress, start_epoch
 from utils.engine.position import DataPosition
 from utils.model.loss import LossPath, count_trained, prepare_batch, summed_nll
 from utils.observe.progress import RunMonitor, grad_norm
@@ -81,17 +82,8 @@ def train(loop: TrainLoop, cfg: TrainConfig) -> TrainOutcome:
                 f"Beginning of Epoch {epoch + 1}/{cfg.num_train_epochs}, "
                 f"Total Micro Batches {len(loop.train_loader.sampler)}"
             )
-            windows = accumulation_windows(
-                loop.train_loader, cfg.gradient_accumulation_steps, loop.dist.device
-            )
-            for window in windows:
-                step_nll = train_step(loop, window, cfg.loss_averaging)
-                position = progress.advance(len(window.batches))
-                log_step(loop, epoch + 1, window, step_nll)
-                if loop.checkpointer.after_step(engine, position):
-                    return TrainOutcome(results, loop.checkpointer.preempted)
-                if engine.global_steps >= plan.total_steps:
-                    break
+            if train_epoch(loop, epoch + 1, progress, cfg):  # stopped by a signal
+                return TrainOutcome(results, loop.checkpointer.preempted)
             label = f"Epoch {epoch + 1}/{cfg.num_train_epochs}"
             with loop.meter.paused():
                 results.append(evaluate_and_report(loop, epoch=epoch + 1, label=label))
@@ -104,6 +96,23 @@ def train(loop: TrainLoop, cfg: TrainConfig) -> TrainOutcome:
         return TrainOutcome(results, preempted=None)
     finally:
         loop.monitor.close()
+
+
+def train_epoch(loop: TrainLoop, epoch: int, progress: EpochProgress, cfg: TrainConfig) -> bool:
+    """Train the epoch's remaining steps (up to the plan's last); True when a stop signal
+    ended the run (its checkpoint is written). The loader's worker processes stop when the
+    epoch ends, however it ends (an error, Ctrl-C, a signal, --max_steps)."""
+    engine, device = loop.engine, loop.dist.device
+    with open_batches(loop.train_loader) as batches:
+        for window in accumulation_windows(batches, cfg.gradient_accumulation_steps, device):
+            step_nll = train_step(loop, window, cfg.loss_averaging)
+            position = progress.advance(len(window.batches))
+            log_step(loop, epoch, window, step_nll)
+            if loop.checkpointer.after_step(engine, position):
+                return True
+            if engine.global_steps >= loop.plan.total_steps:
+                break
+    return False
 
 
 def train_step(loop: TrainLoop, window: Window, loss_averaging: str) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import get_scheduler
 
+from utils.engine.build_lock import check_build_lock
 from utils.engine.config import TrainConfig
 from utils.model.config import LoraConfig
 from utils.model.lora import is_lora_parameter
@@ -40,7 +41,9 @@ def build_optimizer(
     from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 
     on_cuda = get_accelerator().device_name() == "cuda"
-    optimizer_class = FusedAdam if on_cuda and not offload else DeepSpeedCPUAdam
+    fused = on_cuda and not offload
+    check_build_lock("fused_adam" if fused else "cpu_adam")  # the op the optimizer loads
+    optimizer_class = FusedAdam if fused else DeepSpeedCPUAdam
     return optimizer_class(param_groups, lr=train.learning_rate, betas=ADAM_BETAS)
 
 

@@ -8,6 +8,7 @@ interval, so logs hold no carriage returns or escape codes.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -204,6 +205,16 @@ def save_curves(rows: list[dict], path: str) -> bool:
     ]
     if not train and not evals:
         return False
+    _draw_curves(train, evals, path)
+    # Laying out the log axis's tick labels runs matplotlib's mathtext parser (pyparsing),
+    # which leaves reference cycles of exceptions it caught: their tracebacks hold every
+    # calling frame, up to main()'s with the engine and the loaders, until the next garbage
+    # collection, maybe only at exit. Collect them (and the figure) now.
+    gc.collect()
+    return True
+
+
+def _draw_curves(train: list[tuple], evals: list[tuple], path: str) -> None:
     # Figure without pyplot: no global state and no GUI backend, works on any server.
     from matplotlib.figure import Figure
 
@@ -219,7 +230,6 @@ def save_curves(rows: list[dict], path: str) -> bool:
         axes.grid(alpha=0.3)
     with atomic_path(path) as staging:
         figure.savefig(staging, dpi=100, format="png")
-    return True
 
 
 def format_duration(seconds: float) -> str:
