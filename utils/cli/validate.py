@@ -55,9 +55,7 @@ def validate(cfg: Config, dist: DistInfo) -> RunSetup:
     files, more = load_model_files(cfg, read_files=not cfg.planner.estimate_memory)
     problems += more
     if engine is not None and files.config is not None:
-        attention, attention_reason, more = _resolve_attention(
-            cfg, engine, files.config, on_cuda
-        )
+        attention, attention_reason, more = _resolve_attention(cfg, engine, files.config, on_cuda)
         loss, more_loss = resolve_loss(cfg, files, engine, dist.device.type)
         problems += more + more_loss
     if problems:
