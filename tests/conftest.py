@@ -83,6 +83,7 @@ def summary_setup(
 ):
     """A RunSetup with what the run summary reads: the merged DeepSpeed config, the world
     size and the loss path (the plain fp32 loss unless `loss` says otherwise)."""
+    from utils.data.loaders import NO_WORKERS
     from utils.engine.ds_config import EngineSetup
     from utils.model.loss import PLAIN_FP32
     from utils.run_setup import RunSetup
@@ -96,4 +97,5 @@ def summary_setup(
         tokenizer=None,
         template=None,
         world_size=world_size,
+        loader=NO_WORKERS,
     )

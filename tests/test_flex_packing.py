@@ -23,11 +23,14 @@ from utils.data.config import BatchConfig
 from utils.data.loaders import build_train_loader
 from utils.data.packing import collate_packed, pack_layout
 from utils.demo.tiny import build_opt_model
+from utils.distributed import DistInfo
 from utils.errors import ConfigError
 from utils.model.attention import flex_attention_problems, resolve_attention
 from utils.model.config import ModelConfig
-from utils.model.load import build_model, padded_vocab_size
+from utils.model.load import build_model, load_model_config, padded_vocab_size
 from utils.model.loss import token_nll
+
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 ROWS = [
     {"input_ids": [5, 9, 14, 22, 31], "loss_spans": [[2, 5]]},
@@ -80,7 +83,9 @@ def test_flex_packed_examples_get_exactly_their_own_logits_and_loss(
     model_type, tiny_tokenizer, tmp_path, uncompiled_flex
 ):
     cfg = ModelConfig(model_name_or_path=saved_model(model_type, tiny_tokenizer, tmp_path))
-    model = build_model(cfg, tiny_tokenizer, attention="flex_attention").eval()
+    model = build_model(
+        cfg, load_model_config(cfg), tiny_tokenizer, attention="flex_attention"
+    ).eval()
     pad = tiny_tokenizer.pad_token_id
     # Two packs of 14 and 4 tokens: the second row ends in 12 pad tokens.
     batch = collate_packed(
@@ -111,7 +116,8 @@ def test_on_a_gpu_flex_packed_gradients_equal_separate_ones(model_type, tiny_tok
     """What a CPU cannot check: FlexAttention's compiled kernels and its backward pass. The
     packed batch's loss gradients equal those of the same rows padded apart under sdpa."""
     cfg = ModelConfig(model_name_or_path=saved_model(model_type, tiny_tokenizer, tmp_path))
-    model = build_model(cfg, tiny_tokenizer, attention="flex_attention").cuda()
+    config = load_model_config(cfg)
+    model = build_model(cfg, config, tiny_tokenizer, attention="flex_attention").cuda()
     pad = tiny_tokenizer.pad_token_id
 
     def gradients(batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -173,7 +179,7 @@ def test_validation_refuses_flex_attention_where_it_cannot_train(tiny_model_dir,
     args = ["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "out")]
     flex = ["--attn_implementation", "flex_attention", "--packing", "--dropout", "0.1"]
     with pytest.raises(ConfigError) as refused:
-        validate(parse_args([*args, *flex]))  # on this CPU, with attention dropout
+        validate(parse_args([*args, *flex]), CPU)  # on this CPU, with attention dropout
     assert "flex_attention trains only on a CUDA GPU" in str(refused.value)
     assert "no attention dropout" in str(refused.value) and "drop --dropout" in str(refused.value)
     [gpt2] = flex_attention_problems("flex_attention", on_cuda=True, config=GPT2Config())
