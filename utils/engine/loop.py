@@ -10,7 +10,7 @@ labels, so a step that is not logged never waits for the device.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from utils.engine.accumulation import (
 from utils.engine.checkpoint import Checkpointer
 from utils.engine.config import TrainConfig
 from utils.engine.elastic_position import start_epoch
+from utils.engine.loss_watch import LossWatch
 from utils.model.loss import LossPath, count_trained, prepare_batch, summed_nll
 from utils.observe.progress import RunMonitor, grad_norm
 from utils.observe.throughput import ThroughputMeter, format_throughput
@@ -53,6 +54,7 @@ class TrainLoop:
     meter: ThroughputMeter
     checkpointer: Checkpointer
     loss: LossPath  # chunked or plain, decided once at start-up (utils/model/loss.py)
+    watch: LossWatch = field(default_factory=LossWatch)  # a NaN/inf loss stops the run
 
 
 def train(loop: TrainLoop, cfg: TrainConfig) -> list[EvalResult]:
@@ -86,6 +88,7 @@ def train(loop: TrainLoop, cfg: TrainConfig) -> list[EvalResult]:
                     return results
                 if engine.global_steps >= plan.total_steps:
                     break
+            loop.watch.check(loop.dist.device)
             label = f"Epoch {epoch + 1}/{cfg.num_train_epochs}"
             with loop.meter.paused():
                 results.append(evaluate_and_report(loop, epoch=epoch + 1, label=label))
@@ -124,7 +127,12 @@ def log_step(loop: TrainLoop, epoch: int, window: Window, step_nll: torch.Tensor
     """Advance the progress display; on logged steps, gather and record the step's figures."""
     step = loop.engine.global_steps
     loop.monitor.advance(step)
-    if not loop.monitor.due(step):
+    due = loop.monitor.due(step)
+    if not loop.engine.fp16_enabled():  # fp16: DeepSpeed's loss scaler skips such steps
+        loop.watch.see(step, step_nll)
+        if due or loop.checkpointer.due(step):  # never log or save what a NaN has spoiled
+            loop.watch.check(loop.dist.device)
+    if not due:
         return  # no host sync, no collective on the steps nobody reads
     (step_nll,) = all_reduce_sum([float(step_nll)], loop.dist.device)
     loop.monitor.record_step(
