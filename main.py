@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         check_disk_space(model, cfg.train.output_dir, "Nothing has been trained yet.")
         loss = choose_loss(cfg, model, setup, dist)
         print_run_summary(cfg, data, count_parameters(model), setup, plan, loss)
-        engine = build_engine(cfg, model, checkpointer.engine_setup(model, setup), plan)
+        engine = build_engine(cfg, model, checkpointer.engine_setup(model, setup), plan, dist)
         checkpointer.resume(engine)
         loop = build_loop(cfg, engine, train_loader, eval_loader, dist, plan, checkpointer, loss)
         train(loop, cfg.train)
@@ -154,11 +154,10 @@ def recorded_settings(cfg: Config, data: SFTData, dist: DistInfo) -> dict:
     )
 
 
-def build_engine(cfg: Config, model, setup: EngineSetup, plan: StepPlan):
+def build_engine(cfg: Config, model, setup: EngineSetup, plan: StepPlan, dist: DistInfo):
     """The DeepSpeed engine around the model, its optimizer and LR schedule."""
-    optimizer = build_optimizer(
-        build_param_groups(model, cfg.train, cfg.lora), cfg.train, offload=setup.offload
-    )
+    groups = build_param_groups(model, cfg.train, cfg.lora)
+    optimizer = build_optimizer(groups, cfg.train, setup, dist.device.type)
     scheduler = build_scheduler(optimizer, cfg.train, plan.total_steps)
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=setup.config

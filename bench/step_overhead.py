@@ -43,7 +43,7 @@ from utils.data.common import IGNORE_INDEX
 from utils.distributed import init_distributed
 from utils.engine.accumulation import StepPlan, accumulation_windows
 from utils.engine.config import EngineConfig, TrainConfig
-from utils.engine.ds_config import build_ds_config
+from utils.engine.ds_config import EngineSetup, build_ds_config
 from utils.engine.loop import TrainLoop, log_step, train_step
 from utils.engine.optim import build_optimizer, build_param_groups, build_scheduler
 from utils.engine.preemption import stop_requested
@@ -151,10 +151,9 @@ class Ours:
             on_cuda=device.type == "cuda",
         )
         model = build_model(args.seed, device)
-        offload = False
-        optimizer = build_optimizer(
-            build_param_groups(model, train, LoraConfig()), train, offload=offload
-        )
+        setup = EngineSetup(config, world_size=1, dtype_reason=args.dtype)
+        groups = build_param_groups(model, train, LoraConfig())
+        optimizer = build_optimizer(groups, train, setup, device.type)
         scheduler = build_scheduler(optimizer, train, total_steps)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config

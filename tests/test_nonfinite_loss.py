@@ -47,9 +47,9 @@ def test_a_nan_loss_stops_the_run_naming_its_step(one_rank_group, tmp_path, dtyp
         EngineConfig(zero_stage=zero_stage), train_cfg, ObserveConfig(), 1, dtype, on_cuda=False
     )
     model = build_model()
-    optimizer = build_optimizer(
-        build_param_groups(model, train_cfg, LoraConfig()), train_cfg, offload=False
-    )
+    setup = EngineSetup(config, world_size=1, dtype_reason=dtype)
+    groups = build_param_groups(model, train_cfg, LoraConfig())
+    optimizer = build_optimizer(groups, train_cfg, setup, "cpu")
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
 
     def poison(module, inputs, output):  # the forward pass of step BAD_STEP overflows
@@ -58,7 +58,7 @@ def test_a_nan_loss_stops_the_run_naming_its_step(one_rank_group, tmp_path, dtyp
     model.model.decoder.final_layer_norm.register_forward_hook(poison)
     plan = StepPlan(len(train_loader.sampler), accumulation=1, epochs=2)
     checkpointer = build_checkpointer(CheckpointConfig(save_steps=5), str(tmp_path), {}, dist)
-    checkpointer.engine_setup(model, EngineSetup(config, world_size=1, dtype_reason=dtype))
+    checkpointer.engine_setup(model, setup)
     loop = TrainLoop(
         engine=engine, train_loader=train_loader, eval_loader=eval_loader, dist=dist, plan=plan,
         monitor=build_monitor(str(tmp_path), ObserveConfig(), plan.total_steps, 0),

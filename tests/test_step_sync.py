@@ -14,7 +14,7 @@ from deepspeed.accelerator import get_accelerator
 from tests.token_loss_worker import PAD, build_model, build_rows
 from utils.data.collate import collate
 from utils.engine.config import EngineConfig, TrainConfig
-from utils.engine.ds_config import build_ds_config
+from utils.engine.ds_config import EngineSetup, build_ds_config
 from utils.engine.optim import build_optimizer, build_param_groups
 from utils.model.config import LoraConfig
 from utils.model.loss import PLAIN_FP32, summed_nll
@@ -25,7 +25,8 @@ def test_steady_steps_never_synchronize_the_device(one_rank_group, monkeypatch):
     train = TrainConfig(per_device_train_batch_size=8)
     config = build_ds_config(EngineConfig(), train, ObserveConfig(), 1, "fp32", on_cuda=False)
     model = build_model()
-    optimizer = build_optimizer(build_param_groups(model, train, LoraConfig()), train, False)
+    setup = EngineSetup(config, world_size=1, dtype_reason="fp32")
+    optimizer = build_optimizer(build_param_groups(model, train, LoraConfig()), train, setup, "cpu")
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     batch = collate(build_rows(), pad_token_id=PAD, loss_on="all")
     waits = []
