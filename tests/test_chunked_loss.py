@@ -14,6 +14,12 @@ from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
 
 from tests.token_loss_worker import build_model
 from utils.data.common import IGNORE_INDEX
+from utils.model.chunk_size import (
+    MAX_CHUNK_TOKENS,
+    TILE,
+    accelerator_memory,
+    default_chunk_tokens,
+)
 from utils.model.chunked_loss import (
     causal_lm,
     chunked_loss_mode,
@@ -124,6 +130,23 @@ def test_no_weight_sized_zeros_per_micro_batch_unless_it_has_no_trained_rows():
         nll, count = chunked_nll(hidden, head, torch.full_like(labels, IGNORE_INDEX), 7, "fused")
         nll.backward()
     assert count == 0 and zeros.seen  # zero gradients, so every rank reduces the same tensors
+
+
+def test_chunks_are_tile_multiples_and_fill_a_gpus_share_of_memory(monkeypatch):
+    for vocab in (512, 32000, 50272, 128256, 256000):
+        cpu = default_chunk_tokens(vocab, None)
+        assert cpu % TILE == 0 and (cpu * vocab * 4 <= 2**26 or cpu == TILE)
+    h200, h100 = 141 * 10**9, 80 * 10**9
+    assert default_chunk_tokens(50272, h200) >= default_chunk_tokens(50272, h100) >= 1400
+    assert default_chunk_tokens(50272, h200) % TILE == 0  # a 1,400-token micro-batch: one chunk
+    assert default_chunk_tokens(512, h200) == MAX_CHUNK_TOKENS
+    assert accelerator_memory("cpu") is None
+    # The GPU's memory is what torch reports at run time (forced here: this CPU has none).
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda i: type("P", (), {"total_memory": h200})
+    )
+    assert accelerator_memory("cuda") == h200
 
 
 class MatmulDtypes(TorchDispatchMode):

@@ -79,11 +79,6 @@ def supports_chunked_loss(model: torch.nn.Module) -> bool:
     return chunked_loss_problem(model) is None
 
 
-def default_chunk_tokens(vocab_size: int) -> int:
-    """Positions per chunk: about 64 MiB of fp32 logits per chunk, between 256 and 4096 rows."""
-    return max(256, min(4096, 2**24 // vocab_size))
-
-
 def chunked_loss_mode(zero_stage: int) -> str:
     """The fused mode (faster: no recomputation) except at ZeRO-3, where memory comes first:
     there its weight-sized gradient would be a whole, unpartitioned tensor held from the

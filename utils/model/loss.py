@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from utils.data.collate import MODEL_INPUTS
 from utils.data.common import IGNORE_INDEX
 from utils.errors import UserError
+from utils.model.chunk_size import accelerator_memory, default_chunk_tokens
 from utils.model.chunked_loss import (
     causal_lm,
     chunked_loss_mode,
     chunked_loss_problem,
-    default_chunk_tokens,
     forward_chunked_nll,
     loss_kernel,
     loss_positions,
@@ -94,7 +94,7 @@ def choose_loss_path(
         chunked=True,
         fp32=True,
         reason=f"--chunked_loss {setting}; never holds [batch, seq, vocab] logits ({why})",
-        chunk_tokens=default_chunk_tokens(head.out_features),
+        chunk_tokens=default_chunk_tokens(head.out_features, accelerator_memory(device_type)),
         mode=mode,
         kernel=loss_kernel(device_type),
     )

@@ -199,8 +199,9 @@ def estimate_activations(
     dtype: str,
     *,
     loss_mode: str,
+    gpu_memory: int,
 ) -> int:
-    """Bytes of activations kept for the backward pass on one GPU.
+    """Bytes of activations kept for the backward pass on one GPU of `gpu_memory` bytes.
 
     Per layer, after Korthikanti et al. 2022 ("Reducing Activation Recomputation in
     Large Transformer Models", eq. 1, no tensor parallelism), with SDPA/flash attention
@@ -222,7 +223,7 @@ def estimate_activations(
         if checkpointing
         else shape.layers * layer
     )
-    return kept + estimate_loss_memory(shape, tokens, dtype, loss_mode)
+    return kept + estimate_loss_memory(shape, tokens, dtype, loss_mode, gpu_memory)
 
 
 @dataclass(frozen=True)
@@ -253,5 +254,6 @@ def plan_memory(shape: ModelShape, cfg: Config) -> MemoryPlan:
         cfg.lora,
         engine.dtype,
         loss_mode=planned_loss_mode(shape, cfg, engine.zero_stage),
+        gpu_memory=int(cfg.planner.gpu_memory_gb * GB),
     )
     return MemoryPlan(shape, states, activations)
