@@ -104,10 +104,18 @@ def prepare_batch(
     batch: dict[str, torch.Tensor], path: LossPath, device: torch.device
 ) -> dict[str, torch.Tensor]:
     """The batch on `device`, with what `path` needs computed on the host first: the chunked
-    loss's trained positions (an index computed on a GPU would cost a host sync per call)."""
+    loss's trained positions (an index computed on a GPU would cost a host sync per call).
+
+    A copy to a GPU overlaps with its work only from pinned memory: from pageable memory
+    `non_blocking` may block the host. What is not pinned yet (the positions made here; a
+    whole batch when the loader does not pin) is pinned first."""
     if path.chunked:
         batch = {**batch, "loss_positions": loss_positions(batch["labels"])}
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    pin = device.type == "cuda"
+    return {
+        k: (v.pin_memory() if pin and not v.is_pinned() else v).to(device, non_blocking=True)
+        for k, v in batch.items()
+    }
 
 
 def summed_nll(model, batch: dict[str, torch.Tensor], path: LossPath) -> torch.Tensor:
