@@ -9,8 +9,8 @@ tool pads them):
            (fused) step, zero_grad(set_to_none): what a step cannot do without
   zero<N>  the tool's own path at ZeRO stage N: its DeepSpeed config (build_ds_config),
            optimizer and schedule (utils/engine/optim.py), loss path (choose_loss_path),
-           accumulation windows, train_step and log_step (utils/engine/loop.py) and the
-           per-step stop check (utils/engine/preemption.py)
+           accumulation windows (they carry the stop signals too), train_step and
+           log_step (utils/engine/loop.py)
 
 Variants run interleaved (a few steps of each in turn, repeated) in one process on a
 one-rank group; each variant's figure is its median step time.
@@ -46,7 +46,6 @@ from utils.engine.config import EngineConfig, TrainConfig
 from utils.engine.ds_config import EngineSetup, build_ds_config
 from utils.engine.loop import TrainLoop, log_step, train_step
 from utils.engine.optim import build_optimizer, build_param_groups, build_scheduler
-from utils.engine.preemption import stop_requested
 from utils.model.config import LoraConfig
 from utils.model.loss import choose_loss_path
 from utils.observe.config import ObserveConfig
@@ -179,7 +178,6 @@ class Ours:
         (window,) = accumulation_windows(micro_batches, self.accumulation, self.loop.dist.device)
         step_nll = train_step(self.loop, window, "token")
         log_step(self.loop, 1, window, step_nll)
-        stop_requested(self.loop.dist.device)
 
 
 def _windows(batches: list, accumulation: int):

@@ -229,10 +229,16 @@ class Checkpointer:
             )
         return self.start
 
-    def after_step(self, engine, position: DataPosition) -> bool:
-        """Checkpoint when due or preempted; True when the run must stop now."""
-        self.preempted = stop_requested(self.dist.device)
-        if self.preempted or self.due(engine.global_steps):
+    def after_step(self, engine, position: DataPosition) -> None:
+        """Checkpoint when --save_steps says so."""
+        if self.due(engine.global_steps):
+            self._save(engine, position)
+
+    def stop_for(self, signal: str | None, engine, position: DataPosition) -> bool:
+        """`signal`: a stop signal some rank received (the same answer on every rank). If
+        there is one, checkpoint where training stands; True when the run must stop now."""
+        self.preempted = signal
+        if signal:
             self._save(engine, position)
         return self._stop_if_preempted()
 

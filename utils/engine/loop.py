@@ -29,6 +29,7 @@ from utils.engine.checkpoint import Checkpointer
 from utils.engine.config import TrainConfig
 from utils.engine.elastic_position import start_epoch
 from utils.engine.loss_watch import LossWatch
+from utils.engine.preemption import stop_requested
 from utils.model.loss import LossPath, count_trained, prepare_batch, summed_nll
 from utils.observe.progress import RunMonitor, grad_norm
 from utils.observe.throughput import ThroughputMeter, format_throughput
@@ -81,13 +82,17 @@ def train(loop: TrainLoop, cfg: TrainConfig) -> list[EvalResult]:
                 loop.train_loader, cfg.gradient_accumulation_steps, loop.dist.device
             )
             for window in windows:
+                # A signal during the last step (the window's all-reduce brought it).
+                if loop.checkpointer.stop_for(window.stop, engine, position):
+                    return results
                 step_nll = train_step(loop, window, cfg.loss_averaging)
                 position = progress.advance(len(window.batches))
                 log_step(loop, epoch + 1, window, step_nll)
-                if loop.checkpointer.after_step(engine, position):
-                    return results
+                loop.checkpointer.after_step(engine, position)
                 if engine.global_steps >= plan.total_steps:
                     break
+            if loop.checkpointer.stop_for(stop_requested(loop.dist.device), engine, position):
+                return results  # a signal during the epoch's last step: before its evaluation
             loop.watch.check(loop.dist.device)
             label = f"Epoch {epoch + 1}/{cfg.num_train_epochs}"
             with loop.meter.paused():
