@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 def build_loaders(cfg: Config, data: SFTData, tokenizer, dist: DistInfo, setup: EngineSetup):
     """This rank's training micro-batches and its share of the eval rows."""
     geometry = {"pad_token_id": tokenizer.pad_token_id, "rank": dist.rank}
-    geometry["world_size"] = dist.world_size
+    geometry |= {"world_size": dist.world_size, "on_gpu": dist.device.type == "cuda"}
     train_loader = build_train_loader(
         data.train,
         cfg.batch,
@@ -110,7 +110,6 @@ def build_loaders(cfg: Config, data: SFTData, tokenizer, dist: DistInfo, setup: 
         seed=cfg.data.seed,
         mask_dtype=TORCH_DTYPES[setup.dtype],
         flat_packs=uses_flat_packs(cfg.batch.packing, setup.attention),
-        on_gpu=dist.device.type == "cuda",
         **geometry,
     )
     eval_loader = build_eval_loader(

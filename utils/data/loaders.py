@@ -13,7 +13,7 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader
 
-from utils.data.collate import collate
+from utils.data.collate import collate, pad_multiple
 from utils.data.config import BatchConfig
 from utils.data.packing import collate_flat, collate_packed, pack_rows
 from utils.data.sampler import FILLER, LengthGroupedSampler
@@ -78,8 +78,9 @@ def build_train_loader(
     (`collate_flat`). `len(loader.sampler)` is the number of micro-batches an epoch trains
     (packs, not rows, under packing). `on_gpu`: collate in worker processes into pinned
     memory, so batches are ready and copy asynchronously (on a CPU, workers would only
-    compete with training for the cores).
+    compete with training for the cores), and round widths to a GPU's `pad_multiple`.
     """
+    multiple = pad_multiple(on_gpu)
     lengths = row_lengths(dataset)
     packs = None
     if batch.packing:
@@ -93,11 +94,16 @@ def build_train_loader(
                 pad_token_id=pad_token_id,
                 loss_on=batch.loss_on,
                 mask_dtype=mask_dtype,
+                multiple=multiple,
             )
     else:
         pad_to = max_seq_len if batch.pad_to_max_len else None
         collate_fn = partial(
-            collate, pad_token_id=pad_token_id, loss_on=batch.loss_on, pad_to=pad_to
+            collate,
+            pad_token_id=pad_token_id,
+            loss_on=batch.loss_on,
+            pad_to=pad_to,
+            multiple=multiple,
         )
     sampler = LengthGroupedSampler(
         lengths, micro_batch, rank, world_size, seed, group_by_length=not batch.pad_to_max_len
@@ -119,11 +125,13 @@ def build_eval_loader(
     pad_token_id: int,
     rank: int,
     world_size: int,
+    on_gpu: bool = False,
 ) -> DataLoader:
     """Every eval row on exactly one rank (rank r takes rows r, r+W, ...): no padded duplicates.
 
     Rows go in length order (order does not change an evaluation), so batches carry little
-    padding. The loss covers the tokens training's loss covers (`batch.loss_on`).
+    padding. The loss covers the tokens training's loss covers (`batch.loss_on`). `on_gpu`:
+    widths rounded to a GPU's `pad_multiple`, as training's.
     """
     shard = list(range(rank, len(dataset), world_size))
     lengths = row_lengths(dataset)
@@ -133,5 +141,7 @@ def build_eval_loader(
         _Rows(dataset),
         sampler=batches,
         batch_size=None,
-        collate_fn=partial(collate, pad_token_id=pad_token_id, loss_on=batch.loss_on),
+        collate_fn=partial(
+            collate, pad_token_id=pad_token_id, loss_on=batch.loss_on, multiple=pad_multiple(on_gpu)
+        ),
     )
