@@ -105,7 +105,9 @@ def test_saved_folder_gives_the_engines_logits(tiny_model_dir, data_dir, tmp_pat
     data = build_sft_data(cfg.data, tokenizer)
     loader, _ = cli.build_loaders(cfg, data, tokenizer, dist, setup)
     plan = cli.build_step_plan(cfg, loader)
-    engine = cli.build_engine(cfg, build_model(cfg.model, tokenizer, setup.config), setup, plan)
+    engine = cli.build_engine(
+        cfg, build_model(cfg.model, tokenizer, setup.config), setup, plan, dist
+    )
     for _, batch in zip(range(5), loader, strict=False):
         nll, count = model_nll(engine, batch, fp32=False)
         engine.backward(nll / count)
