@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 def build_loaders(cfg: Config, data: SFTData, setup: RunSetup, dist: DistInfo):
     """This rank's training micro-batches and its share of the eval rows."""
     geometry = {"pad_token_id": setup.tokenizer.pad_token_id, "rank": dist.rank}
-    geometry["world_size"] = dist.world_size
+    geometry |= {"world_size": dist.world_size, "on_gpu": dist.device.type == "cuda"}
     train_loader = build_train_loader(
         data.train,
         cfg.batch,
@@ -159,11 +159,10 @@ def load_model(cfg: Config, setup: RunSetup, on_meta: bool = False):
     return apply_lora(model, cfg.lora)
 
 
-def build_engine(cfg: Config, model, setup: EngineSetup, plan: StepPlan):
+def build_engine(cfg: Config, model, setup: EngineSetup, plan: StepPlan, dist: DistInfo):
     """The DeepSpeed engine around the model, its optimizer and LR schedule."""
-    optimizer = build_optimizer(
-        build_param_groups(model, cfg.train, cfg.lora), cfg.train, offload=setup.offload
-    )
+    groups = build_param_groups(model, cfg.train, cfg.lora)
+    optimizer = build_optimizer(groups, cfg.train, setup, dist.device.type)
     scheduler = build_scheduler(optimizer, cfg.train, plan.total_steps)
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=setup.config
@@ -186,7 +185,7 @@ def build_loop(
     """The engine around the model, resumed where the checkpointer says (it vets the model
     and picks the engine's loading first), with its data and the monitor, meter and
     checkpointer that watch the loop."""
-    engine = build_engine(cfg, model, checkpointer.engine_setup(model, setup.engine), plan)
+    engine = build_engine(cfg, model, checkpointer.engine_setup(model, setup.engine), plan, dist)
     checkpointer.resume(engine)
     return TrainLoop(
         engine=engine,

@@ -160,9 +160,10 @@ def training_loss(model, ids, loss: str):
 
         nll, count = token_nll(model(input_ids=ids).logits, ids, fp32=True)
     else:
-        from utils.model.chunked_loss import default_chunk_tokens, forward_chunked_nll
+        from utils.model.chunk_size import default_chunk_tokens
+        from utils.model.chunked_loss import forward_chunked_nll
 
-        chunk = default_chunk_tokens(model.config.vocab_size)
+        chunk = default_chunk_tokens(model.config.vocab_size, None)  # a CPU's chunks
         nll, count = forward_chunked_nll(model, {"input_ids": ids}, ids, chunk, loss)
     return nll / count
 

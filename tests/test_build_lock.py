@@ -14,9 +14,10 @@ from utils.engine.build_lock import check_build_lock
 BUILD_OPTIMIZER = """
 import torch
 from utils.engine.config import TrainConfig
+from utils.engine.ds_config import EngineSetup
 from utils.engine.optim import build_optimizer
 params = [{"params": [torch.nn.Parameter(torch.zeros(4))], "weight_decay": 0.0}]
-build_optimizer(params, TrainConfig(), offload=False)
+build_optimizer(params, TrainConfig(), EngineSetup(config={}, dtype_reason="fp32"), "cpu")
 """
 
 

@@ -40,6 +40,7 @@ from utils.cli.parse import parse_args
 from utils.data.config import BatchConfig
 from utils.distributed import DistInfo
 from utils.engine import preemption
+from utils.engine.accumulation import accumulation_windows
 from utils.engine.checkpoint import (
     LATEST,
     Checkpointer,
@@ -418,6 +419,10 @@ def test_sigusr1_and_sigterm_request_a_checkpoint_and_stop():
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGTERM)  # the process survives: only a request
         assert stop_requested(torch.device("cpu")) == "SIGUSR1"
+        # The loop learns it from the next step's token-count all-reduce (no collective of its own).
+        labels = torch.tensor([[5, 6, 7]])
+        (window,) = accumulation_windows([{"labels": labels}], 1, torch.device("cpu"))
+        assert (window.stop, window.tokens) == ("SIGUSR1", 2)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -60,7 +60,7 @@ def test_only_lora_with_checkpointing_trains_adapters_and_keeps_base_bit_identic
     base_before = {
         n: p.detach().clone() for n, p in model.named_parameters() if not is_lora_parameter(n)
     }
-    engine = build_engine(cfg, model, setup, StepPlan(24, 1, 1, max_steps=6))
+    engine = build_engine(cfg, model, setup, StepPlan(24, 1, 1, max_steps=6), one_rank_group)
     ids = torch.randint(4, len(tiny_tokenizer), (4, 16), generator=torch.Generator().manual_seed(0))
     losses = []
     for _ in range(6):

@@ -106,7 +106,7 @@ def test_saved_folder_gives_the_engines_logits(tiny_model_dir, data_dir, tmp_pat
     loader, _ = cli.build_loaders(cfg, data, setup, dist)
     plan = cli.build_step_plan(cfg, loader)
     model = build_model(cfg.model, setup.model_config, tokenizer, setup.engine.config)
-    engine = cli.build_engine(cfg, model, setup.engine, plan)
+    engine = cli.build_engine(cfg, model, setup.engine, plan, dist)
     for _, batch in zip(range(5), loader, strict=False):
         nll, count = model_nll(engine, batch, fp32=False)
         engine.backward(nll / count)

@@ -21,7 +21,7 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader
 
-from utils.data.collate import collate
+from utils.data.collate import collate, pad_multiple
 from utils.data.config import BatchConfig
 from utils.data.packing import collate_flat, collate_packed, pack_rows
 from utils.data.sampler import FILLER, LengthGroupedSampler
@@ -164,6 +164,7 @@ def build_train_loader(
     mask_dtype: torch.dtype,
     pack_layout: str = "mask",
     workers: LoaderWorkers = NO_WORKERS,
+    on_gpu: bool = False,
 ) -> DataLoader:
     """Micro-batches for this rank; `loader.sampler.set_epoch(e)` gives a new order per epoch.
 
@@ -175,8 +176,9 @@ def build_train_loader(
     packs in one row with per-example boundaries. `len(loader.sampler)` is the number of
     micro-batches an epoch trains (packs, not rows, under packing). `workers`: who collates,
     into pinned memory or not (`choose_loader_workers`); iterate with `open_batches`, which
-    stops the workers.
+    stops the workers. `on_gpu`: widths round up to a GPU's `pad_multiple`.
     """
+    multiple = pad_multiple(on_gpu)
     lengths = row_lengths(dataset)
     packs = None
     if batch.packing:
@@ -190,11 +192,16 @@ def build_train_loader(
                 pad_token_id=pad_token_id,
                 loss_on=batch.loss_on,
                 mask_dtype=mask_dtype if pack_layout == "mask" else None,
+                multiple=multiple,
             )
     else:
         pad_to = max_seq_len if batch.pad_to_max_len else None
         collate_fn = partial(
-            collate, pad_token_id=pad_token_id, loss_on=batch.loss_on, pad_to=pad_to
+            collate,
+            pad_token_id=pad_token_id,
+            loss_on=batch.loss_on,
+            pad_to=pad_to,
+            multiple=multiple,
         )
     sampler = LengthGroupedSampler(
         lengths, micro_batch, rank, world_size, seed, group_by_length=not batch.pad_to_max_len
@@ -224,11 +231,13 @@ def build_eval_loader(
     pad_token_id: int,
     rank: int,
     world_size: int,
+    on_gpu: bool = False,
 ) -> DataLoader:
     """Every eval row on exactly one rank (rank r takes rows r, r+W, ...): no padded duplicates.
 
     Rows go in length order (order does not change an evaluation), so batches carry little
-    padding. The loss covers the tokens training's loss covers (`batch.loss_on`).
+    padding. The loss covers the tokens training's loss covers (`batch.loss_on`). `on_gpu`:
+    widths rounded to a GPU's `pad_multiple`, as training's.
     """
     shard = list(range(rank, len(dataset), world_size))
     lengths = row_lengths(dataset)
@@ -238,5 +247,7 @@ def build_eval_loader(
         _Rows(dataset),
         sampler=batches,
         batch_size=None,
-        collate_fn=partial(collate, pad_token_id=pad_token_id, loss_on=batch.loss_on),
+        collate_fn=partial(
+            collate, pad_token_id=pad_token_id, loss_on=batch.loss_on, multiple=pad_multiple(on_gpu)
+        ),
     )

@@ -101,9 +101,15 @@ def pack_rows(lengths: list[int], max_len: int) -> list[list[int]]:
 
 
 def collate_packed(
-    packs: list[list[dict]], *, pad_token_id: int, loss_on: str, mask_dtype: torch.dtype | None
+    packs: list[list[dict]],
+    *,
+    pad_token_id: int,
+    loss_on: str,
+    mask_dtype: torch.dtype | None,
+    multiple: int = PAD_MULTIPLE,
 ) -> dict[str, torch.Tensor]:
-    """Packs (lists of rows) into one batch, padded to the longest pack.
+    """Packs (lists of rows) into one batch, padded to the longest pack rounded up to
+    `multiple` (utils/data/collate.py `pad_multiple`).
 
     attention_mask: [B, 1, T, T] additive (0 where a token may attend, the dtype's minimum
     elsewhere), in the model's compute dtype so every attention kernel accepts it; none when
@@ -111,7 +117,7 @@ def collate_packed(
     position ids restart at 0), so no query row is fully masked.
     """
     longest = max(sum(len(r["input_ids"]) for r in pack) for pack in packs)
-    width = round_up(longest, PAD_MULTIPLE)
+    width = round_up(longest, multiple)
     batch = len(packs)
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
     labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)

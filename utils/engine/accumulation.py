@@ -23,6 +23,7 @@ import torch
 
 from utils.arithmetic import ceil_div
 from utils.distributed import all_reduce_sum
+from utils.engine.preemption import local_stop_request
 from utils.model.loss import count_trained
 
 
@@ -55,6 +56,7 @@ class Window:
     batches: list[dict[str, torch.Tensor]]
     tokens: int  # trained tokens of the whole step: all micro-batches, all ranks
     counts: list[int]  # trained tokens of each of this rank's micro-batches
+    stop: str | None = None  # a stop signal any rank received before this window (by name)
 
 
 def accumulation_windows(
@@ -66,13 +68,16 @@ def accumulation_windows(
     whole step, summed over ranks, is known before its first backward. Every rank has
     the same number of micro-batches, so windows (the last, short one too) line up
     across ranks. Counted from the host-side labels: the loss never has to read a count
-    back from the device.
+    back from the device. The same all-reduce carries the ranks' stop signals
+    (utils/engine/preemption.py): one collective per step, where two were.
     """
     batches = iter(loader)
     while window := list(islice(batches, accumulation)):
         counts = [count_trained(b["labels"]) for b in window]
-        (total,) = all_reduce_sum([sum(counts)], device)
-        yield Window(window, int(total), counts)
+        signal = local_stop_request()
+        total, stops = all_reduce_sum([sum(counts), 1 if signal else 0], device)
+        stop = signal or ("a signal on another rank" if stops else None)
+        yield Window(window, int(total), counts, stop)
 
 
 def micro_batch_loss(

@@ -228,13 +228,23 @@ class Checkpointer:
             )
         return self.start
 
-    def after_step(self, engine, position: DataPosition) -> bool:
-        """Checkpoint when due or preempted; True when the run must stop now."""
-        self.preempted = stop_requested(self.dist.device)
-        every = self.cfg.save_steps
-        if self.preempted or (every and engine.global_steps % every == 0):
+    def after_step(self, engine, position: DataPosition) -> None:
+        """Checkpoint when --save_steps says so."""
+        if self.due(engine.global_steps):
+            self._save(engine, position)
+
+    def stop_for(self, signal: str | None, engine, position: DataPosition) -> bool:
+        """`signal`: a stop signal some rank received (the same answer on every rank). If
+        there is one, checkpoint where training stands; True when the run must stop now."""
+        self.preempted = signal
+        if signal:
             self._save(engine, position)
         return self._stop_if_preempted()
+
+    def due(self, step: int) -> bool:
+        """Whether `after_step` checkpoints step `step` (a stop signal aside)."""
+        every = self.cfg.save_steps
+        return bool(every) and step % every == 0
 
     def after_epoch(self, engine, position: DataPosition) -> bool:
         """The epoch-end checkpoint (when saving is on); True when the run must stop now."""

@@ -110,10 +110,16 @@ def build_ds_config(
         "steps_per_print": 2**31 - 1,
         "zero_optimization": zero,
         "fp16": {"enabled": dtype == "fp16", "loss_scale_window": 100},
-        "bf16": {"enabled": dtype == "bf16"},
+        # bf16 has fp32's range: no loss scale to adjust, so no per-step scan of every
+        # gradient for inf/NaN (a kernel pair per tensor, an all-reduce and a host sync).
+        # A NaN or inf loss stops the run instead (utils/engine/loss_watch.py).
+        "bf16": {"enabled": dtype == "bf16", "check_grad_overflow": False},
         "gradient_clipping": 1.0,
         "prescale_gradients": False,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronizes the device at every forward and every
+        # step, for figures it prints only every steps_per_print (never): ours are the meter's.
+        "timers": {"throughput": {"enabled": False}},
     }
     if uses_cpu_autocast(dtype, on_cuda, engine.zero_stage):
         config["bf16"] = {"enabled": False}

@@ -10,7 +10,7 @@ labels, so a step that is not logged never waits for the device.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,7 +28,9 @@ from utils.engine.accumulation import (
 from utils.engine.checkpoint import Checkpointer
 from utils.engine.config import TrainConfig
 from utils.engine.elastic_position import EpochProgress, start_epoch
+from utils.engine.loss_watch import LossWatch
 from utils.engine.position import DataPosition
+from utils.engine.preemption import stop_requested
 from utils.model.loss import LossPath, count_trained, prepare_batch, summed_nll
 from utils.observe.progress import RunMonitor, grad_norm
 from utils.observe.throughput import ThroughputMeter, format_throughput
@@ -63,6 +65,7 @@ class TrainLoop:
     meter: ThroughputMeter
     checkpointer: Checkpointer
     loss: LossPath  # chunked or plain, decided once at start-up (utils/model/loss.py)
+    watch: LossWatch = field(default_factory=LossWatch)  # a NaN/inf loss stops the run
 
 
 def train(loop: TrainLoop, cfg: TrainConfig) -> TrainOutcome:
@@ -82,8 +85,9 @@ def train(loop: TrainLoop, cfg: TrainConfig) -> TrainOutcome:
                 f"Beginning of Epoch {epoch + 1}/{cfg.num_train_epochs}, "
                 f"Total Micro Batches {len(loop.train_loader.sampler)}"
             )
-            if train_epoch(loop, epoch + 1, progress, cfg):  # stopped by a signal
+            if train_epoch(loop, epoch + 1, progress, position, cfg):  # stopped by a signal
                 return TrainOutcome(results, loop.checkpointer.preempted)
+            loop.watch.check(loop.dist.device)  # a NaN/inf loss is never evaluated or saved
             label = f"Epoch {epoch + 1}/{cfg.num_train_epochs}"
             with loop.meter.paused():
                 results.append(evaluate_and_report(loop, epoch=epoch + 1, label=label))
@@ -98,21 +102,26 @@ def train(loop: TrainLoop, cfg: TrainConfig) -> TrainOutcome:
         loop.monitor.close()
 
 
-def train_epoch(loop: TrainLoop, epoch: int, progress: EpochProgress, cfg: TrainConfig) -> bool:
-    """Train the epoch's remaining steps (up to the plan's last); True when a stop signal
-    ended the run (its checkpoint is written). The loader's worker processes stop when the
-    epoch ends, however it ends (an error, Ctrl-C, a signal, --max_steps)."""
+def train_epoch(
+    loop: TrainLoop, epoch: int, progress: EpochProgress, position: DataPosition, cfg: TrainConfig
+) -> bool:
+    """Train the epoch's remaining steps from `position` (up to the plan's last); True when
+    a stop signal ended the run (its checkpoint is written). The loader's worker processes
+    stop when the epoch ends, however it ends (an error, Ctrl-C, a signal, --max_steps)."""
     engine, device = loop.engine, loop.dist.device
     with open_batches(loop.train_loader) as batches:
         for window in accumulation_windows(batches, cfg.gradient_accumulation_steps, device):
+            # A signal during the last step (the window's all-reduce brought it).
+            if loop.checkpointer.stop_for(window.stop, engine, position):
+                return True
             step_nll = train_step(loop, window, cfg.loss_averaging)
             position = progress.advance(len(window.batches))
             log_step(loop, epoch, window, step_nll)
-            if loop.checkpointer.after_step(engine, position):
-                return True
+            loop.checkpointer.after_step(engine, position)
             if engine.global_steps >= loop.plan.total_steps:
                 break
-    return False
+    # A signal during the epoch's last step: checkpoint before its evaluation.
+    return loop.checkpointer.stop_for(stop_requested(device), engine, position)
 
 
 def train_step(loop: TrainLoop, window: Window, loss_averaging: str) -> torch.Tensor:
@@ -139,7 +148,12 @@ def log_step(loop: TrainLoop, epoch: int, window: Window, step_nll: torch.Tensor
     """Advance the progress display; on logged steps, gather and record the step's figures."""
     step = loop.engine.global_steps
     loop.monitor.advance(step)
-    if not loop.monitor.due(step):
+    due = loop.monitor.due(step)
+    if not loop.engine.fp16_enabled():  # fp16: DeepSpeed's loss scaler skips such steps
+        loop.watch.see(step, step_nll)
+        if due or loop.checkpointer.due(step):  # never log or save what a NaN has spoiled
+            loop.watch.check(loop.dist.device)
+    if not due:
         return  # no host sync, no collective on the steps nobody reads
     (step_nll,) = all_reduce_sum([float(step_nll)], loop.dist.device)
     loop.monitor.record_step(

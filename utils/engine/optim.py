@@ -7,6 +7,7 @@ from transformers import get_scheduler
 
 from utils.engine.build_lock import check_build_lock
 from utils.engine.config import TrainConfig
+from utils.engine.ds_config import EngineSetup
 from utils.model.config import LoraConfig
 from utils.model.lora import is_lora_parameter
 
@@ -33,17 +34,36 @@ def build_param_groups(model: torch.nn.Module, train: TrainConfig, lora: LoraCon
     ]
 
 
+def optimizer_kind(setup: EngineSetup, device_type: str) -> str:
+    """Which Adam(W) trains: "torch" (torch.optim.AdamW, fused), "fused" (DeepSpeed's
+    FusedAdam) or "cpu" (DeepSpeed's vectorised CPU Adam). One rule, read by the builder.
+
+    On a GPU torch's fused AdamW: the same update as FusedAdam (tests/test_optimizer.py),
+    without FusedAdam's JIT build at start-up and its file lock. Except at ZeRO stage 0 in 16
+    bits: there DeepSpeed keeps a flat fp32 master copy (FP16_Optimizer) only for FusedAdam,
+    and any other optimizer gets the per-tensor wrapper (FP16_UnfusedOptimizer), which copies
+    every gradient to fp32 at each step. The CPU Adam on a CPU and with --offload, where the
+    optimizer states live in CPU memory.
+    """
+    if device_type != "cuda" or setup.offload:
+        return "cpu"
+    if setup.zero_stage == 0 and setup.dtype != "fp32" and not setup.autocast:
+        return "fused"
+    return "torch"
+
+
 def build_optimizer(
-    param_groups: list[dict], train: TrainConfig, offload: bool
+    param_groups: list[dict], train: TrainConfig, setup: EngineSetup, device_type: str
 ) -> torch.optim.Optimizer:
-    """DeepSpeed's fused Adam on CUDA; its vectorised CPU Adam when offloading or on CPU."""
-    from deepspeed.accelerator import get_accelerator
+    """The optimizer `optimizer_kind` picks, with the run's learning rate and ADAM_BETAS
+    (AdamW: weight decay decoupled, per parameter group)."""
+    kind = optimizer_kind(setup, device_type)
+    if kind == "torch":
+        return torch.optim.AdamW(param_groups, lr=train.learning_rate, betas=ADAM_BETAS, fused=True)
     from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 
-    on_cuda = get_accelerator().device_name() == "cuda"
-    fused = on_cuda and not offload
-    check_build_lock("fused_adam" if fused else "cpu_adam")  # the op the optimizer loads
-    optimizer_class = FusedAdam if fused else DeepSpeedCPUAdam
+    optimizer_class = FusedAdam if kind == "fused" else DeepSpeedCPUAdam
+    check_build_lock("fused_adam" if kind == "fused" else "cpu_adam")  # the op it loads
     return optimizer_class(param_groups, lr=train.learning_rate, betas=ADAM_BETAS)
 
 

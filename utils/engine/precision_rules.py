@@ -2,9 +2,11 @@
 
 Measured with two SGD steps (lr 1) through every DeepSpeed release line the requirements
 allow, 0.16.9 to 0.19.8 (tests/test_update_size.py repeats it for the installed version).
-ZeRO stages 1-3 train correctly in fp32, bf16 and fp16 everywhere. At stage 0 DeepSpeed
-wraps the optimizer in FP16_Optimizer (for FusedAdam: the tool's GPU optimizer) or
-FP16_UnfusedOptimizer (any other: the CPU Adam, on a CPU or when offloading), and:
+ZeRO stages 1-3 train correctly in fp32, bf16 and fp16 everywhere (with the tool's GPU
+optimizer, torch's fused AdamW, too: tests/test_optimizer.py). At stage 0 DeepSpeed wraps a
+16-bit run's optimizer in FP16_Optimizer (for FusedAdam: the tool's GPU optimizer there,
+utils/engine/optim.py) or FP16_UnfusedOptimizer (any other: the CPU Adam, on a CPU or when
+offloading), and:
 
 - fp16: 0.18.3 and later move the weights by 1/65,536 of the gradient (engine.backward
   stopped applying the loss scale the wrappers divide by; the scale then doubles every

@@ -3,7 +3,8 @@
 Schedulers (Slurm, Kubernetes, spot-instance reclaimers) send SIGTERM, or SIGUSR1 ahead
 of a time limit, then SIGKILL after a grace period. The handler only records the request;
 the training loop finishes its current optimizer step, every rank agrees to stop at the
-same step (the signal may reach ranks at different moments), a checkpoint is written and
+same step (the signal may reach ranks at different moments: each step's token-count
+all-reduce carries the ranks' requests, utils/engine/accumulation.py), a checkpoint is written and
 the process exits with PREEMPTED_EXIT so a wrapper script can tell "resume me" from a
 crash and rerun the same command with --resume_from_checkpoint auto.
 """
@@ -33,11 +34,16 @@ def install_preemption_handlers() -> None:
         signal.signal(sig, _request_stop)
 
 
+def local_stop_request() -> str | None:
+    """The signal this rank received, if any (no collective: the caller agrees with the
+    others, as `accumulation_windows` does in the all-reduce every step already makes)."""
+    return _requested[0] if _requested else None
+
+
 def stop_requested(device: torch.device) -> str | None:
     """The signal's name if any rank has been asked to stop (a collective: every rank calls it)."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return _requested[0] if _requested else None  # no device round trip per step
-    # One tiny all-reduce per optimizer step, so every rank stops after the same step.
+        return local_stop_request()  # no device round trip
     if not all_reduce_max(1 if _requested else 0, device):
         return None
     return _requested[0] if _requested else "a signal on another rank"

@@ -78,11 +78,6 @@ def supports_chunked_loss(model: torch.nn.Module) -> bool:
     return chunked_loss_problem(model) is None
 
 
-def default_chunk_tokens(vocab_size: int) -> int:
-    """Positions per chunk: about 64 MiB of fp32 logits per chunk, between 256 and 4096 rows."""
-    return max(256, min(4096, 2**24 // vocab_size))
-
-
 def chunked_loss_mode(zero_stage: int) -> str:
     """The fused mode (faster: no recomputation) except at ZeRO-3, where memory comes first:
     there its weight-sized gradient would be a whole, unpartitioned tensor held from the
@@ -269,12 +264,17 @@ class _ChunkedNLL(torch.autograd.Function):
 
 
 class _ChunkGrads:
-    """Gradients of rows, weight and bias, filled chunk by chunk from d(loss)/d(logits)."""
+    """Gradients of rows, weight and bias, filled chunk by chunk from d(loss)/d(logits).
+
+    The weight's gradient starts as the first chunk's product (no weight-sized zeros to add
+    it to, every micro-batch). Over several chunks in 16 bits the sum is kept in fp32 and
+    cast once at the end: a 16-bit running sum would round away each chunk's addition.
+    """
 
     def __init__(self, rows, weight, bias, needs: tuple[bool, ...]) -> None:
         self.rows = torch.empty_like(rows) if needs[0] else None
-        # Zeros even when there are no rows: every rank then hands DeepSpeed the same grads.
-        self.weight = torch.zeros_like(weight) if needs[1] else None
+        self.needs_weight, self.weight_like = needs[1], weight
+        self.weight: torch.Tensor | None = None
         self.bias = (
             torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs[2] else None
         )
@@ -283,11 +283,23 @@ class _ChunkGrads:
     def add(self, chunk: slice, grad_logits, rows, weight) -> None:  # grad_logits: [C, V]
         if self.rows is not None:
             torch.mm(grad_logits, weight, out=self.rows[chunk])
-        if self.weight is not None:
-            self.weight.addmm_(grad_logits.t(), rows)
+        if self.needs_weight:
+            if self.weight is None:
+                self.weight = torch.mm(grad_logits.t(), rows)  # [V, H]
+            elif rows.dtype == torch.float32:
+                self.weight.addmm_(grad_logits.t(), rows)
+            else:
+                self.weight = self.weight.float()  # from the second chunk on: an fp32 sum
+                self.weight += torch.mm(grad_logits.t(), rows)
         if self.bias is not None:
             self.bias += grad_logits.float().sum(0)
 
     def result(self) -> tuple[torch.Tensor | None, ...]:
+        weight = self.weight
+        if self.needs_weight and weight is None:
+            # No rows at all: zeros, so every rank still hands DeepSpeed the same gradients.
+            weight = torch.zeros_like(self.weight_like)
+        elif weight is not None:
+            weight = weight.to(self.weight_like.dtype)
         bias = None if self.bias is None else self.bias.to(self.bias_dtype)
-        return self.rows, self.weight, bias
+        return self.rows, weight, bias

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from utils.data.collate import MODEL_INPUTS
 from utils.data.common import IGNORE_INDEX
 from utils.errors import UserError
+from utils.model.chunk_size import accelerator_memory, default_chunk_tokens
 from utils.model.chunked_loss import (
     causal_lm,
     chunked_loss_mode,
     chunked_loss_problem,
-    default_chunk_tokens,
     forward_chunked_nll,
     loss_kernel,
     loss_positions,
@@ -112,7 +112,7 @@ def decide_loss_path(
         chunked=True,
         fp32=True,
         reason=f"--chunked_loss {setting}; never holds [batch, seq, vocab] logits ({why})",
-        chunk_tokens=default_chunk_tokens(vocab),
+        chunk_tokens=default_chunk_tokens(vocab, accelerator_memory(device_type)),
         mode=mode,
         kernel=kernel,
     )
@@ -145,10 +145,18 @@ def prepare_batch(
     batch: dict[str, torch.Tensor], path: LossPath, device: torch.device
 ) -> dict[str, torch.Tensor]:
     """The batch on `device`, with what `path` needs computed on the host first: the chunked
-    loss's trained positions (an index computed on a GPU would cost a host sync per call)."""
+    loss's trained positions (an index computed on a GPU would cost a host sync per call).
+
+    A copy to a GPU overlaps with its work only from pinned memory: from pageable memory
+    `non_blocking` may block the host. What is not pinned yet (the positions made here; a
+    whole batch when the loader does not pin) is pinned first."""
     if path.chunked:
         batch = {**batch, "loss_positions": loss_positions(batch["labels"])}
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    pin = device.type == "cuda"
+    return {
+        k: (v.pin_memory() if pin and not v.is_pinned() else v).to(device, non_blocking=True)
+        for k, v in batch.items()
+    }
 
 
 def summed_nll(model, batch: dict[str, torch.Tensor], path: LossPath) -> torch.Tensor:

@@ -137,8 +137,9 @@ def estimate_activations(
     dtype: str,
     *,
     loss_mode: str,
+    gpu_memory: int,
 ) -> int:
-    """Bytes of activations kept for the backward pass on one GPU.
+    """Bytes of activations kept for the backward pass on one GPU of `gpu_memory` bytes.
 
     Per layer, after Korthikanti et al. 2022 ("Reducing Activation Recomputation in
     Large Transformer Models", eq. 1, no tensor parallelism), with SDPA/flash attention
@@ -160,7 +161,7 @@ def estimate_activations(
         if checkpointing
         else shape.layers * layer
     )
-    return kept + estimate_loss_memory(shape, tokens, dtype, loss_mode)
+    return kept + estimate_loss_memory(shape, tokens, dtype, loss_mode, gpu_memory)
 
 
 @dataclass(frozen=True)
@@ -188,5 +189,6 @@ def plan_memory(shape: ModelShape, inputs: PlanInputs) -> MemoryPlan:
         inputs.lora,
         inputs.engine.dtype,
         loss_mode=inputs.loss_mode,
+        gpu_memory=int(inputs.planner.gpu_memory_gb * GB),
     )
     return MemoryPlan(shape, states, activations)
