@@ -57,8 +57,14 @@ def test_a_flash_attn_that_imports_is_used(fake_packages):
     assert flash_attention_problems("flash_attention_2", on_cuda=True, flash_error=None) == []
 
 
-def test_liger_only_on_cuda_where_it_imports_and_never_at_zero3(fake_packages, tiny_tokenizer):
+def test_liger_only_on_cuda_where_it_imports_and_never_at_zero3(
+    fake_packages, tiny_tokenizer, monkeypatch
+):
     model = build_opt_model(tiny_tokenizer)
+    # The loss path sizes its chunks from the GPU's memory: an 80 GB one, on this CPU.
+    monkeypatch.setattr(
+        "utils.model.loss.accelerator_memory", lambda kind: 80 * 2**30 if kind == "cuda" else None
+    )
 
     def path(zero_stage: int, device_type: str = "cuda"):
         return choose_loss_path(

@@ -9,6 +9,7 @@ tracebacks.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -132,6 +133,9 @@ def test_fp16_at_zero_stage_0_is_refused_on_a_gpu(tiny_model_dir, tmp_path, monk
     monkeypatch.setattr(get_accelerator(), "device_name", lambda *a: "cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    memory = SimpleNamespace(total_memory=80 * 2**30)  # the loss path sizes chunks by it
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: memory)
     data = write_rows(tmp_path / "data", train=8)
     GPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))
     extra = ["--dtype", "fp16"]
