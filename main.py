@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 import deepspeed
 from torch.utils.data import DataLoader
 from transformers import set_seed
 
+from utils.checkpoint.checkpointer import Checkpointer, build_checkpointer
+from utils.checkpoint.preemption import PREEMPTED_EXIT
+from utils.checkpoint.settings import run_settings
 from utils.cli.failures import explain_failures, quiet_library_noise
 from utils.cli.memory_plan import memory_plan_report
 from utils.cli.parse import parse_args
@@ -37,13 +41,10 @@ from utils.distributed import (
     rank_zero_first,
 )
 from utils.engine.accumulation import StepPlan
-from utils.engine.checkpoint import Checkpointer, build_checkpointer
 from utils.engine.ds_config import EngineSetup
 from utils.engine.loop import TrainLoop, train
 from utils.engine.optim import build_optimizer, build_param_groups, build_scheduler
 from utils.engine.precision import TORCH_DTYPES
-from utils.engine.preemption import PREEMPTED_EXIT
-from utils.engine.run_settings import run_settings
 from utils.errors import UserError
 from utils.model.load import build_model, count_parameters
 from utils.model.lora import apply_lora
@@ -140,9 +141,7 @@ def build_step_plan(cfg: Config, train_loader) -> StepPlan:
 
 def recorded_settings(cfg: Config, data: SFTData, setup: RunSetup) -> dict:
     """What decides this run's data, order and schedule (checkpoints record it)."""
-    return run_settings(
-        cfg.data, cfg.batch, cfg.train, cfg.lora, data.cache_key, world_size=setup.world_size
-    )
+    return run_settings(cfg, data.cache_key, world_size=setup.world_size)
 
 
 def load_model(cfg: Config, setup: RunSetup, on_meta: bool = False):
@@ -185,7 +184,8 @@ def build_loop(
     """The engine around the model, resumed where the checkpointer says (it vets the model
     and picks the engine's loading first), with its data and the monitor, meter and
     checkpointer that watch the loop."""
-    engine = build_engine(cfg, model, checkpointer.engine_setup(model, setup.engine), plan, dist)
+    ds_config = checkpointer.engine_config(model, setup.engine.config, setup.engine.zero_stage)
+    engine = build_engine(cfg, model, replace(setup.engine, config=ds_config), plan, dist)
     checkpointer.resume(engine)
     return TrainLoop(
         engine=engine,

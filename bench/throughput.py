@@ -51,16 +51,17 @@ from transformers import OPTConfig, OPTForCausalLM
 
 import utils.engine.loop as loop_module
 from bench.data_prep import load_opt_tokenizer, rm_static_rows, write_source
+from utils.checkpoint.checkpointer import build_checkpointer
+from utils.checkpoint.config import CheckpointConfig
+from utils.checkpoint.position import DataPosition
 from utils.data.build import build_sft_data
 from utils.data.config import BatchConfig, DataConfig
 from utils.data.loaders import build_eval_loader, build_train_loader, choose_loader_workers
 from utils.distributed import init_distributed
 from utils.engine.accumulation import StepPlan
-from utils.engine.checkpoint import build_checkpointer
-from utils.engine.config import CheckpointConfig, EngineConfig, TrainConfig
+from utils.engine.config import EngineConfig, TrainConfig
 from utils.engine.ds_config import build_ds_config
 from utils.engine.loop import EvalResult, TrainLoop, evaluate, train
-from utils.engine.position import DataPosition
 from utils.engine.precision import TORCH_DTYPES, cpu_bf16_capability
 from utils.model.loss import choose_loss_path
 from utils.observe.config import ObserveConfig

@@ -36,30 +36,25 @@ from checkpoint_runs import (
 )
 
 from tests.conftest import EngineStub
-from utils.cli.parse import parse_args
-from utils.data.config import BatchConfig
-from utils.distributed import DistInfo
-from utils.engine import preemption
-from utils.engine.accumulation import accumulation_windows
-from utils.engine.checkpoint import (
-    LATEST,
-    Checkpointer,
-    build_checkpointer,
-    prune_checkpoints,
-    published_checkpoints,
-)
-from utils.engine.checkpoint_checks import (
+from utils.checkpoint import preemption
+from utils.checkpoint.checkpointer import Checkpointer, build_checkpointer
+from utils.checkpoint.checks import (
     RUN_STATE,
     RunShape,
     check_files,
     check_model,
+    published_checkpoints,
     read_run_state,
 )
-from utils.engine.elastic_position import start_epoch
-from utils.engine.position import DataPosition
-from utils.engine.preemption import PREEMPTED_EXIT, install_preemption_handlers, stop_requested
-from utils.engine.resume import load_checkpoint
-from utils.engine.run_settings import run_settings
+from utils.checkpoint.position import DataPosition, start_epoch
+from utils.checkpoint.preemption import PREEMPTED_EXIT, install_preemption_handlers, stop_requested
+from utils.checkpoint.resume import load_checkpoint
+from utils.checkpoint.settings import run_settings
+from utils.checkpoint.store import LATEST, prune_checkpoints
+from utils.cli.parse import parse_args
+from utils.data.config import BatchConfig
+from utils.distributed import DistInfo
+from utils.engine.accumulation import accumulation_windows
 from utils.errors import UserError
 
 
@@ -202,7 +197,7 @@ def vet(data_dir: Path, out: Path, *flags: str, data_key: str) -> Checkpointer:
     """build_checkpointer, as main.py calls it before the model loads, for the checkpoint
     tests' command line plus `flags` (`data_key`: the data as built for this command)."""
     cfg = parse_args(main_command("model", data_dir, out, *flags)[2:])
-    settings = run_settings(cfg.data, cfg.batch, cfg.train, cfg.lora, data_key, world_size=1)
+    settings = run_settings(cfg, data_key, world_size=1)
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:

@@ -19,15 +19,15 @@ import pytest
 import torch
 
 import main as cli
-import utils.engine.checkpoint_trust as trust
+import utils.checkpoint.trust as trust
+from utils.checkpoint.checkpointer import build_checkpointer
+from utils.checkpoint.checks import RUN_STATE, param_shapes
+from utils.checkpoint.position import DataPosition
+from utils.checkpoint.settings import run_settings
 from utils.cli.parse import parse_args
 from utils.data.build import build_sft_data
 from utils.demo.tiny import build_opt_model
 from utils.distributed import DistInfo
-from utils.engine.checkpoint import build_checkpointer
-from utils.engine.checkpoint_checks import RUN_STATE, param_shapes
-from utils.engine.position import DataPosition
-from utils.engine.run_settings import run_settings
 from utils.errors import UserError
 from utils.model.load import load_tokenizer
 
@@ -74,7 +74,7 @@ def test_a_checkpoint_of_another_model_is_refused_with_every_difference_at_once(
     # The checkpoint: another (narrower) model, trained with --max_steps 1 on the same data.
     cfg = parse_args(command(tiny_model_dir, tmp_path, "--max_steps", "1"))
     data = build_sft_data(cfg.data, load_tokenizer(cfg.model, None), None)
-    settings = run_settings(cfg.data, cfg.batch, cfg.train, cfg.lora, data.cache_key, 1)
+    settings = run_settings(cfg, data.cache_key, 1)
     other = param_shapes(build_opt_model(tiny_tokenizer, hidden_size=32))
     path = write_checkpoint(tmp_path / "out" / "checkpoint-1", settings, other, "/models/opt-a")
 
@@ -174,7 +174,7 @@ def test_a_checkpoint_others_can_change_is_refused_before_it_is_read(
 ):
     ckpt = write_checkpoint(tmp_path / "out" / "checkpoint-1", {}, {}, "m")
     cfg = parse_args(["--model_name_or_path", "m", "--max_steps", "3"])
-    settings = run_settings(cfg.data, cfg.batch, cfg.train, cfg.lora, "key", world_size=1)
+    settings = run_settings(cfg, "key", world_size=1)
     (ckpt / RUN_STATE).write_text(
         json.dumps({**json.loads((ckpt / RUN_STATE).read_text()), "settings": settings})
     )

@@ -30,9 +30,9 @@ from checkpoint_runs import (
     write_data,
 )
 
-from utils.engine.checkpoint import LATEST, published_checkpoints
-from utils.engine.checkpoint_checks import check_files, read_run_state
-from utils.engine.preemption import PREEMPTED_EXIT
+from utils.checkpoint.checks import check_files, published_checkpoints, read_run_state
+from utils.checkpoint.preemption import PREEMPTED_EXIT
+from utils.checkpoint.store import LATEST
 from utils.errors import UserError
 
 pytestmark = pytest.mark.slow

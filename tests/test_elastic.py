@@ -27,9 +27,8 @@ import pytest
 import torch
 from checkpoint_runs import REPO, TRAIN_FLAGS, run_env, train_metrics, weights, write_data
 
-from utils.engine.checkpoint import published_checkpoints
-from utils.engine.checkpoint_checks import RUN_STATE, RunShape
-from utils.engine.elastic import MARKER, convert_to_universal, needs_conversion, universal_dir
+from utils.checkpoint.checks import RUN_STATE, RunShape, published_checkpoints
+from utils.checkpoint.universal import MARKER, convert_to_universal, needs_conversion, universal_dir
 from utils.errors import UserError
 
 pytestmark = pytest.mark.slow

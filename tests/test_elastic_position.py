@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+from utils.checkpoint.position import DataPosition, start_epoch
 from utils.data.sampler import FILLER, LengthGroupedSampler
-from utils.engine.elastic_position import start_epoch
-from utils.engine.position import DataPosition
 from utils.errors import UserError
 
 LENGTHS = [(i * 7) % 23 + 1 for i in range(34)]

@@ -27,7 +27,7 @@ import psutil
 import pytest
 
 from tests.checkpoint_runs import REPO, run_env, write_data
-from utils.engine.preemption import PREEMPTED_EXIT
+from utils.checkpoint.preemption import PREEMPTED_EXIT
 from utils.observe.progress import save_curves
 
 QUIET_S = 30  # the longest a run may go on after its last output line

@@ -14,11 +14,12 @@ import torch
 from datasets import Dataset
 
 from tests.token_loss_worker import PAD, build_model, build_rows
+from utils.checkpoint.checkpointer import build_checkpointer
+from utils.checkpoint.config import CheckpointConfig
 from utils.data.config import BatchConfig
 from utils.data.loaders import build_eval_loader, build_train_loader
 from utils.engine.accumulation import StepPlan
-from utils.engine.checkpoint import build_checkpointer
-from utils.engine.config import CheckpointConfig, EngineConfig, TrainConfig
+from utils.engine.config import EngineConfig, TrainConfig
 from utils.engine.ds_config import EngineSetup, build_ds_config
 from utils.engine.loop import TrainLoop, train
 from utils.engine.loss_watch import NonFiniteLoss
@@ -58,7 +59,7 @@ def test_a_nan_loss_stops_the_run_naming_its_step(one_rank_group, tmp_path, dtyp
     model.model.decoder.final_layer_norm.register_forward_hook(poison)
     plan = StepPlan(len(train_loader.sampler), accumulation=1, epochs=2)
     checkpointer = build_checkpointer(CheckpointConfig(save_steps=5), str(tmp_path), {}, dist)
-    checkpointer.engine_setup(model, setup)
+    checkpointer.engine_config(model, setup.config, setup.zero_stage)
     loop = TrainLoop(
         engine=engine, train_loader=train_loader, eval_loader=eval_loader, dist=dist, plan=plan,
         monitor=build_monitor(str(tmp_path), ObserveConfig(), plan.total_steps, 0),

@@ -9,8 +9,8 @@ import pytest
 
 import main as cli
 from prompt_eval import run as prompt_eval
+from utils.checkpoint.settings import run_settings, settings_changes
 from utils.cli.parse import parse_args
-from utils.engine.run_settings import run_settings, settings_changes
 from utils.errors import ConfigError
 from utils.evaluate.config import parse_args as parse_eval_args
 
@@ -122,7 +122,7 @@ def test_a_run_from_a_recipe_records_the_same_settings_as_from_flags(tmp_path):
     )
 
     def settings(cfg):
-        return run_settings(cfg.data, cfg.batch, cfg.train, cfg.lora, "key", world_size=1)
+        return run_settings(cfg, "key", world_size=1)
 
     assert settings_changes(settings(from_flags), settings(from_recipe)) == []
     assert settings(from_flags) == settings(from_recipe)

@@ -18,13 +18,13 @@ from safetensors.torch import load_file
 
 import main as cli
 from tests.conftest import summary_setup
+from utils.checkpoint.checkpointer import Checkpointer
 from utils.cli.parse import parse_args
 from utils.cli.summary import build_summary
 from utils.data.common import IGNORE_INDEX, SFTData, SourceStats
 from utils.data.config import BatchConfig
 from utils.data.loaders import build_train_loader
 from utils.engine.accumulation import StepPlan
-from utils.engine.checkpoint import Checkpointer
 from utils.errors import UserError
 from utils.model.loss import token_nll
 

@@ -1,17 +1,19 @@
 """What a resume may change: nothing that decides the data, its order or the optimisation;
-the shape only while the global batch stays (utils/engine/run_settings.py, resume.py)."""
+the shape only while the global batch stays (utils/checkpoint/settings.py, resume.py)."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from utils.checkpoint.checks import RunShape
+from utils.checkpoint.resume import prepare_load
+from utils.checkpoint.settings import run_settings, settings_changes
 from utils.data.config import BatchConfig, DataConfig
 from utils.distributed import DistInfo
-from utils.engine.checkpoint_checks import RunShape
 from utils.engine.config import TrainConfig
-from utils.engine.resume import prepare_load
-from utils.engine.run_settings import run_settings, settings_changes
 from utils.errors import UserError
 from utils.model.config import LoraConfig
 
@@ -22,7 +24,8 @@ def settings(micro=2, world=2, accumulation=2, key="k", **changes) -> dict:
     train = TrainConfig(per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation)
     lora = LoraConfig(**{k: v for k, v in changes.items() if k.startswith("lora_")})
     data = DataConfig(data_path=["rows.jsonl"], **{k: v for k, v in changes.items() if k in CHAT})
-    return run_settings(data, BatchConfig(), train, lora, key, world_size=world)
+    run = SimpleNamespace(data=data, batch=BatchConfig(), train=train, lora=lora)
+    return run_settings(run, key, world_size=world)
 
 
 @pytest.mark.parametrize("current", [(4, 1, 2), (2, 1, 4), (1, 4, 2), (8, 1, 1)])

@@ -28,9 +28,9 @@ import main as cli
 import utils.model.save as save_module
 import utils.model.verify as verify_module
 from tests.conftest import EngineStub
+from utils.checkpoint.checkpointer import Checkpointer
+from utils.checkpoint.config import CheckpointConfig
 from utils.distributed import DistInfo
-from utils.engine.checkpoint import Checkpointer
-from utils.engine.config import CheckpointConfig
 from utils.errors import UserError
 from utils.model.publish import JOURNAL, publish_folder
 from utils.model.save import DiskFullError, save_hf_model, write_model_folder

@@ -13,6 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma2Config, OPTC
 
 from tests.conftest import summary_setup
 from tests.token_loss_worker import PAD, build_model, build_rows
+from utils.checkpoint.checkpointer import build_checkpointer
+from utils.checkpoint.config import CheckpointConfig
 from utils.cli.memory_plan import plan_inputs
 from utils.cli.parse import parse_args
 from utils.cli.summary import build_summary
@@ -24,8 +26,7 @@ from utils.data.packing import pack_layout
 from utils.demo.tiny import build_opt_model
 from utils.distributed import DistInfo
 from utils.engine.accumulation import StepPlan
-from utils.engine.checkpoint import build_checkpointer
-from utils.engine.config import CheckpointConfig, TrainConfig
+from utils.engine.config import TrainConfig
 from utils.engine.ds_config import EngineSetup, build_ds_config
 from utils.engine.loop import TrainLoop, train
 from utils.errors import ConfigError, UserError

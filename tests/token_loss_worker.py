@@ -17,12 +17,13 @@ from datasets import Dataset
 from safetensors.torch import save_file
 from transformers import OPTConfig, OPTForCausalLM
 
+from utils.checkpoint.checkpointer import build_checkpointer
+from utils.checkpoint.config import CheckpointConfig
 from utils.data.config import BatchConfig
 from utils.data.loaders import build_eval_loader, build_train_loader
 from utils.distributed import init_distributed
 from utils.engine.accumulation import StepPlan
-from utils.engine.checkpoint import build_checkpointer
-from utils.engine.config import CheckpointConfig, TrainConfig
+from utils.engine.config import TrainConfig
 from utils.engine.ds_config import EngineSetup
 from utils.engine.loop import TrainLoop, train
 from utils.model.loss import choose_loss_path
@@ -82,7 +83,7 @@ def main(out: str, mode: str, zero_stage: int, micro: int, accumulation: int) ->
     }
     setup = EngineSetup(config=config, dtype_reason="fp32")
     checkpointer = build_checkpointer(CheckpointConfig(), os.path.dirname(out), {}, dist)
-    checkpointer.engine_setup(model, setup)
+    checkpointer.engine_config(model, setup.config, setup.zero_stage)
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), config=config
     )

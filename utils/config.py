@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from utils.checkpoint.config import CheckpointConfig
 from utils.data.config import BatchConfig, DataConfig, effective_loss_on
-from utils.engine.config import CheckpointConfig, EngineConfig, TrainConfig
+from utils.engine.config import EngineConfig, TrainConfig
 from utils.flags import RecipeSettings
 from utils.model.config import LoraConfig, ModelConfig
 from utils.observe.config import ObserveConfig

@@ -33,13 +33,13 @@ from transformers import set_seed
 
 from bench.gpu_check.phases import Phases, profile_top_ops
 from main import build_loaders, build_loop, build_step_plan, load_model, recorded_settings
+from utils.checkpoint.checkpointer import build_checkpointer
 from utils.cli.parse import parse_args
 from utils.cli.validate import validate
 from utils.config import Config
 from utils.data.build import build_sft_data
 from utils.distributed import init_distributed
 from utils.engine.accumulation import Window, accumulation_windows
-from utils.engine.checkpoint import build_checkpointer
 from utils.engine.loop import TrainLoop, train_step
 from utils.files import write_atomically
 from utils.model.load import count_parameters

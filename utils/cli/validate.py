@@ -16,13 +16,13 @@ from dataclasses import fields
 
 import torch
 
+from utils.checkpoint.checkpointer import checkpoint_problems
 from utils.cli.resolve import load_model_files, resolve_engine, resolve_loss
 from utils.config import Config
 from utils.data.build import check_data_config
 from utils.data.loaders import LoaderWorkers, choose_loader_workers
 from utils.data.packing import pack_layout, packing_problems
 from utils.distributed import DistInfo
-from utils.engine.checkpoint import checkpoint_problems
 from utils.engine.ds_config import EngineSetup
 from utils.engine.precision import NATIVE_BF16_CAPABILITY
 from utils.errors import ConfigError, format_problems

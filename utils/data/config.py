@@ -21,6 +21,22 @@ def default_cache_dir() -> str:
     return os.path.join(base, "sft-deepspeed", "data")
 
 
+@dataclass(frozen=True)
+class BatchGeometry:
+    """How many rows one optimizer step trains: micro-batch x ranks x accumulation."""
+
+    micro: int
+    world_size: int
+    accumulation: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.world_size * self.accumulation
+
+    def __str__(self) -> str:
+        return f"{self.micro} x {self.world_size} x {self.accumulation} = {self.global_batch}"
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     data_path: list[str] = flag(

@@ -101,7 +101,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 def _leave_stop_signals_to_training(worker_id: int) -> None:
     """The training process answers the stop signals (it finishes its step and checkpoints,
-    utils/engine/preemption.py, or stops) and then stops its workers itself (`open_batches`).
+    utils/checkpoint/preemption.py, or stops) and then stops its workers itself (`open_batches`).
     A worker killed by the same signal would crash it first, so workers ignore them (one
     whose training process dies anyway sees it within seconds and exits: torch's watchdog)."""
     for sig in STOP_SIGNALS:

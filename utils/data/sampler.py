@@ -55,7 +55,7 @@ class LengthGroupedSampler:
         """A new order every epoch (DeepSpeed-Chat never tells its sampler the epoch).
 
         `batches`: the global micro-batches this epoch still has to train, when a resumed run
-        continues it (utils/engine/elastic_position.py works them out); default: all of them.
+        continues it (utils/checkpoint/position.py works them out); default: all of them.
         """
         self.epoch, self.remaining = epoch, batches
 

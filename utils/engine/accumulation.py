@@ -22,8 +22,8 @@ from itertools import islice
 import torch
 
 from utils.arithmetic import ceil_div
+from utils.checkpoint.preemption import local_stop_request
 from utils.distributed import all_reduce_sum
-from utils.engine.preemption import local_stop_request
 from utils.model.loss import count_trained
 
 
@@ -69,7 +69,7 @@ def accumulation_windows(
     the same number of micro-batches, so windows (the last, short one too) line up
     across ranks. Counted from the host-side labels: the loss never has to read a count
     back from the device. The same all-reduce carries the ranks' stop signals
-    (utils/engine/preemption.py): one collective per step, where two were.
+    (utils/checkpoint/preemption.py): one collective per step, where two were.
     """
     batches = iter(loader)
     while window := list(islice(batches, accumulation)):

@@ -1,4 +1,4 @@
-"""Settings of training: the optimisation, the DeepSpeed engine and checkpoints.
+"""Settings of training: the optimisation and the DeepSpeed engine.
 
 Each field is also the command-line flag of the same name (see utils/flags.py); names and
 defaults are DeepSpeed-Chat step 1's where it has the flag.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from utils.data.config import BatchGeometry
 from utils.flags import declared_elsewhere, flag
 
 SCHEDULERS = (
@@ -19,26 +20,7 @@ SCHEDULERS = (
     "constant_with_warmup",
 )
 DTYPES = ("auto", "fp32", "fp16", "bf16")
-# Half of how long the other ranks wait for rank 0's save (utils/distributed.py LONG_WAIT,
-# 6 hours): the other half is left for writing the model.
-MAX_DISK_WAIT_MINUTES = 180
 LOSS_AVERAGING = ("token", "micro_batch")
-
-
-@dataclass(frozen=True)
-class BatchGeometry:
-    """How many rows one optimizer step trains: micro-batch x ranks x accumulation."""
-
-    micro: int
-    world_size: int
-    accumulation: int
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro * self.world_size * self.accumulation
-
-    def __str__(self) -> str:
-        return f"{self.micro} x {self.world_size} x {self.accumulation} = {self.global_batch}"
 
 
 @dataclass(kw_only=True)
@@ -90,33 +72,3 @@ class EngineConfig:
     )
     # --deepspeed_config (a JSON file merged over the flags' config) is DeepSpeed's own flag.
     deepspeed_config: str | None = declared_elsewhere(None, by="deepspeed.add_config_arguments")
-
-
-@dataclass(kw_only=True)
-class CheckpointConfig:
-    save_steps: int = flag(
-        0,
-        "Write a resumable DeepSpeed checkpoint under --output_dir every N optimizer steps and "
-        "at each epoch end (0: only when preempted by SIGTERM/SIGUSR1).",
-    )
-    save_total_limit: int | None = flag(
-        None, "Keep only the newest K checkpoints (default: keep all)."
-    )
-    resume_from_checkpoint: str | None = flag(
-        None,
-        "Continue a run exactly: a checkpoint folder, or 'auto' for the newest complete "
-        "checkpoint in --output_dir (starts fresh when there is none).",
-    )
-    disk_full_wait_minutes: int = flag(
-        60,
-        "When the disk (or quota) is full at the final save, say how much room it needs "
-        "and wait up to this many minutes for room, retrying as soon as there is (the "
-        "trained weights are still in memory); Ctrl-C stops waiting. 0 (fail at once) to "
-        f"{MAX_DISK_WAIT_MINUTES}.",
-    )
-    trust_checkpoint: bool = flag(
-        False,
-        "Resume from a checkpoint even if other users can write it (or own it). Resuming "
-        "unpickles its files, which runs any code planted in them: pass this only when you "
-        "trust everyone who can write there.",
-    )

@@ -16,6 +16,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from utils.checkpoint.checkpointer import Checkpointer
+from utils.checkpoint.position import DataPosition, EpochProgress, start_epoch
+from utils.checkpoint.preemption import stop_requested
 from utils.data.common import IGNORE_INDEX
 from utils.data.loaders import open_batches
 from utils.distributed import DistInfo, all_reduce_max, all_reduce_sum, print_rank_0
@@ -25,12 +28,8 @@ from utils.engine.accumulation import (
     accumulation_windows,
     micro_batch_loss,
 )
-from utils.engine.checkpoint import Checkpointer
 from utils.engine.config import TrainConfig
-from utils.engine.elastic_position import EpochProgress, start_epoch
 from utils.engine.loss_watch import LossWatch
-from utils.engine.position import DataPosition
-from utils.engine.preemption import stop_requested
 from utils.model.loss import LossPath, count_trained, prepare_batch, summed_nll
 from utils.observe.progress import RunMonitor, grad_norm
 from utils.observe.throughput import ThroughputMeter, format_throughput

@@ -1,12 +1,12 @@
 """Continuing a checkpoint: vet it, convert it when the run's shape changed, load it.
 
-The order of a resume (utils/engine/checkpoint.py drives it):
+The order of a resume (utils/checkpoint/checkpointer.py drives it):
 1. before the model loads (checkpoint_checks.py): the folder is the user's own
    (checkpoint_trust.py), run_state.json parses, the model (built on the meta device) and
    the settings (run_settings.py) match, every file is there and whole;
 2. with the model, before the engine: the parameters match; when the world size or ZeRO
    stage changed, rank 0 converts the checkpoint once into DeepSpeed's universal format
-   (utils/engine/elastic.py) while the other ranks wait, and the engine is built to load it;
+   (utils/checkpoint/universal.py) while the other ranks wait, and the engine is built to load it;
 3. with the engine: DeepSpeed loads weights, optimizer, schedule and step counters, then
    each rank's random streams and the data position are restored.
 """
@@ -18,14 +18,15 @@ import pickle
 import zipfile
 from collections.abc import Callable
 
-from utils.distributed import DistInfo, print_rank_0, rank_zero_first
-from utils.engine.checkpoint_checks import (
+from utils.checkpoint.checks import (
     RunShape,
     damaged,
     earlier_checkpoint_advice,
     find_damaged_file,
 )
-from utils.engine.elastic import (
+from utils.checkpoint.position import DataPosition
+from utils.checkpoint.resume_state import replay_cpu_adam_steps, set_rng_state
+from utils.checkpoint.universal import (
     convert_to_universal,
     describe_change,
     describe_shape,
@@ -33,8 +34,7 @@ from utils.engine.elastic import (
     restore_param_groups,
     universal_dir,
 )
-from utils.engine.position import DataPosition
-from utils.engine.resume_state import replay_cpu_adam_steps, set_rng_state
+from utils.distributed import DistInfo, print_rank_0, rank_zero_first
 from utils.errors import UserError
 
 # What torch.load raises on a file whose bytes are damaged (DeepSpeed passes it through).

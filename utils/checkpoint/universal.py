@@ -39,7 +39,7 @@ import shutil
 
 import torch
 
-from utils.engine.checkpoint_checks import RunShape
+from utils.checkpoint.checks import RunShape
 from utils.errors import UserError
 from utils.files import fsync_tree
 

@@ -1,7 +1,7 @@
 """The settings a checkpoint records, and the one rule for resuming it: change nothing that
 decides the data, its order or the optimisation.
 
-Each checkpoint's run_state.json holds `run_settings(...)`: the data (sources as written,
+Each checkpoint's run_state.json holds `run_settings(cfg, ...)` (RECORDED): the data (sources as written,
 split, seed, length, and the tokenised-data cache key, which also covers the files' contents
 and the tokenizer), the batch geometry, epochs and --max_steps (they set the schedule's
 length), the learning rates, weight decay, scheduler and warm-up (DeepSpeed restores the
@@ -19,62 +19,55 @@ from __future__ import annotations
 
 from typing import Any
 
-from utils.data.config import BatchConfig, DataConfig
-from utils.engine.config import BatchGeometry, TrainConfig
-from utils.model.config import LoraConfig
+from utils.data.config import BatchGeometry
 
+# What a checkpoint records of the run's flags, by settings group (Config's, utils/config.py)
+# and flag name: what decides the data, its order and the optimisation. Recording one more
+# setting is one more name here.
+RECORDED = {
+    "data": (
+        "data_path",
+        "sft_only_data_path",
+        "data_split",
+        "seed",
+        "max_seq_len",
+        "eot_token",
+        "chat_template",
+        "system_prompt",
+    ),
+    "train": (
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "num_train_epochs",
+        "max_steps",
+        "learning_rate",
+        "weight_decay",
+        "lr_scheduler_type",
+        "num_warmup_steps",
+        "loss_averaging",
+    ),
+    "lora": ("lora_dim", "lora_module_name", "only_optimize_lora", "lora_learning_rate"),
+    "batch": ("packing", "pad_to_max_len", "loss_on"),
+}
 GEOMETRY = ("per_device_train_batch_size", "world_size", "gradient_accumulation_steps")
-DATA = (
-    "data_path",
-    "sft_only_data_path",
-    "data_split",
-    "seed",
-    "max_seq_len",
-    "eot_token",
-    "chat_template",
-    "system_prompt",
-)
+DATA = RECORDED["data"]
 DATA_KEY = "data_cache_key"
 LORA_ONLY = ("lora_module_name", "lora_learning_rate")  # unused without LoRA
 
 
-def run_settings(
-    data: DataConfig,
-    batch: BatchConfig,
-    train: TrainConfig,
-    lora: LoraConfig,
-    data_key: str,
-    world_size: int,
-) -> dict[str, Any]:
-    """What a checkpoint records (JSON values, keyed by flag name without the dashes)."""
-    return {
-        "data_path": list(data.data_path),
-        "sft_only_data_path": list(data.sft_only_data_path),
-        "data_split": data.data_split,
-        "seed": data.seed,
-        "max_seq_len": data.max_seq_len,
-        "eot_token": data.eot_token,
-        "chat_template": data.chat_template,
-        "system_prompt": data.system_prompt,
-        DATA_KEY: data_key,
-        "per_device_train_batch_size": train.per_device_train_batch_size,
-        "world_size": world_size,
-        "gradient_accumulation_steps": train.gradient_accumulation_steps,
-        "num_train_epochs": train.num_train_epochs,
-        "max_steps": train.max_steps,
-        "learning_rate": train.learning_rate,
-        "lora_dim": lora.lora_dim,
-        "lora_module_name": lora.lora_module_name,
-        "only_optimize_lora": lora.only_optimize_lora,
-        "lora_learning_rate": lora.lora_learning_rate,
-        "weight_decay": train.weight_decay,
-        "lr_scheduler_type": train.lr_scheduler_type,
-        "num_warmup_steps": train.num_warmup_steps,
-        "packing": batch.packing,
-        "pad_to_max_len": batch.pad_to_max_len,
-        "loss_on": batch.loss_on,
-        "loss_averaging": train.loss_averaging,
+def run_settings(cfg: Any, data_key: str, world_size: int) -> dict[str, Any]:
+    """What a checkpoint records of run `cfg` (its Config): JSON values keyed by flag name
+    without the dashes, the tokenised data's cache key and the number of ranks."""
+    settings = {
+        name: _as_json(getattr(getattr(cfg, group), name))
+        for group, names in RECORDED.items()
+        for name in names
     }
+    return {**settings, DATA_KEY: data_key, "world_size": world_size}
+
+
+def _as_json(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple | list) else value
 
 
 def settings_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

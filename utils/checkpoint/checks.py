@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from utils.checkpoint.settings import geometry, settings_changes
+from utils.checkpoint.trust import refuse_untrusted
 from utils.distributed import print_rank_0
-from utils.engine.checkpoint_trust import refuse_untrusted
-from utils.engine.run_settings import geometry, settings_changes
 from utils.errors import UserError
 
 PREFIX = "checkpoint-"

@@ -1,4 +1,5 @@
-"""Where an epoch continues, even when a resumed run has another batch geometry.
+"""Where training stands in its data (`DataPosition`, what a checkpoint records), and where an
+epoch continues, even when a resumed run has another batch geometry.
 
 An epoch's order is a function of (seed, epoch, rows per micro-step = micro-batch x world
 size): the sampler shuffles, groups by length and cuts global micro-batches of that many
@@ -17,7 +18,7 @@ permutation, so "N micro-batches in" would train some rows twice and skip others
 - An epoch not yet begun (and every later epoch) is ordered by the new geometry.
 
 With the global batch (micro x ranks x accumulation) unchanged, as a resume requires
-(utils/engine/run_settings.py), every optimizer step of the replayed epoch trains the rows
+(utils/checkpoint/settings.py), every optimizer step of the replayed epoch trains the rows
 the saved run's step would have, and the schedule keeps its length.
 """
 
@@ -27,8 +28,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from utils.data.sampler import LengthGroupedSampler
-from utils.engine.position import DataPosition
 from utils.errors import UserError
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where training stands: the first `rows_done` rows of epoch `epoch`'s order are trained.
+
+    Counted in rows (packed rows under --packing), not micro-batches, so a run resumed with
+    another micro-batch or number of ranks knows exactly which rows are left. The epoch's
+    order is the sampler's for `order_rows_per_micro_step` rows per micro-step (micro-batch
+    x ranks), which decides how it shuffles (`start_epoch` below). Always at a
+    window's end: that is where steps, and so checkpoints, happen.
+    """
+
+    epoch: int = 0
+    rows_done: int = 0
+    order_rows_per_micro_step: int = 0  # 0: the epoch has not begun (any order will do)
 
 
 @dataclass(frozen=True)
