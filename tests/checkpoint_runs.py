@@ -11,9 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import child_env
+from tests.conftest import REPO, child_env
 
-REPO = Path(__file__).resolve().parent.parent
 # 34 rows, micro-batch 2, accumulation 2: 17 micro-batches per epoch, so 9 optimizer steps
 # per epoch (the last one over a single micro-batch) and 18 in all.
 TRAIN_FLAGS = [

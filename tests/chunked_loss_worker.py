@@ -1,6 +1,6 @@
 """One SGD step under DeepSpeed with the plain and the chunked loss; rank 0 saves the results.
 
-Run by tests/test_chunked_loss.py with `torch.distributed.run` (one or two CPU ranks):
+Run by tests/model/test_chunked_loss.py with `torch.distributed.run` (one or two CPU ranks):
     python tests/chunked_loss_worker.py OUT RUN [RUN ...]     RUN = <zero stage>-<plain|recompute|fused>
 Each run starts from the same tiny OPT (tied embeddings) and trains this rank's rows; ranks
 hold different token counts, so at ZeRO-3 their chunk counts differ.

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parent.parent  # the checkout the tests run from
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -51,7 +55,7 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture
 def one_rank_group(monkeypatch):
     """A one-rank group for an in-process engine (reused if main() already made one, as
-    tests/test_main.py does); the launcher variables are restored afterwards."""
+    tests/runs/test_main.py does); the launcher variables are restored afterwards."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -99,3 +103,41 @@ def summary_setup(
         world_size=world_size,
         loader=NO_WORKERS,
     )
+
+
+# A chat template that drops the reasoning (<think>...</think>) of earlier assistant turns,
+# as Qwen3's and DeepSeek-R1's do.
+DROPS_REASONING = """\
+{%- for message in messages %}
+{%- set content = message['content'] %}
+{%- if message['role'] == 'assistant' and not loop.last %}{% set content = content.split('</think>')[-1] %}{% endif %}
+{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}
+"""
+
+
+def write_rows(path, train: int, evaluation: int = 4):
+    """A local data folder of "What is i plus i?" rows: `train` and `evaluation` of them."""
+    path.mkdir()
+    for name, count in (("train", train), ("eval", evaluation)):
+        rows = [
+            {"prompt": f" Human: What is {i} plus {i}?", "chosen": f" {i} plus {i} is {2 * i}."}
+            for i in range(count)
+        ]
+        (path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run_args(model_dir, data_dir, tmp_path, *extra: str) -> list[str]:
+    """main.py's flags for a short run of `model_dir` on `data_dir` (written by write_rows)."""
+    return [
+        "--model_name_or_path", str(model_dir),
+        "--data_path", str(data_dir),
+        "--data_split", "10,0,0",
+        "--data_output_path", str(tmp_path / "cache"),
+        "--max_seq_len", "32",
+        "--learning_rate", "1e-2",
+        "--output_dir", str(tmp_path / "out"),
+        *extra,
+    ]  # fmt: skip

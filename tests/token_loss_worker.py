@@ -1,6 +1,6 @@
 """One optimizer step of utils.engine.loop.train on fixed rows, under DeepSpeed; rank 0 saves the weights.
 
-Run by tests/test_loss.py with `torch.distributed.run` (one or two CPU ranks):
+Run by tests/model/test_loss.py with `torch.distributed.run` (one or two CPU ranks):
     python tests/token_loss_worker.py OUT MODE ZERO_STAGE MICRO_BATCH ACCUMULATION
 The loop uses the loss main.py would choose (the chunked loss, for this OPT) and logs the
 step to metrics.jsonl beside OUT.

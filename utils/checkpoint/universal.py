@@ -6,7 +6,7 @@ loads it only with the world size and stage that wrote it. Its universal checkpo
 weights, Adam moments, step) that an engine of any world size and ZeRO stage 1-3 loads
 with `{"checkpoint": {"load_universal": true}}` (LR scheduler, step counters and our
 client state come along in the model-states file). What DeepSpeed 0.19.8's converter
-leaves undone, found by experiment (tests/test_elastic.py), `convert_to_universal` does:
+leaves undone, found by experiment (tests/checkpoint/test_universal.py), `convert_to_universal` does:
 
 - our engine never records `universal_checkpoint_info` (Megatron does), which the
   ZeRO-1/2 converter demands: injected;

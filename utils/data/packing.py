@@ -15,7 +15,7 @@ gets exactly the logits it would get alone. Three ways, one per kind of attentio
   them) for FlashAttention-2's variable-length path; attention memory linear in the length.
 
 Packing is allowed only for the model types and attention implementations below, checked to
-isolate examples (tests/test_packing.py and tests/test_flex_packing.py compare packed and
+isolate examples (tests/data/test_packing.py and tests/model/test_flex_attention.py compare packed and
 separate logits).
 """
 

@@ -38,7 +38,7 @@ def optimizer_kind(setup: EngineSetup, device_type: str) -> str:
     """Which Adam(W) trains: "torch" (torch.optim.AdamW, fused), "fused" (DeepSpeed's
     FusedAdam) or "cpu" (DeepSpeed's vectorised CPU Adam). One rule, read by the builder.
 
-    On a GPU torch's fused AdamW: the same update as FusedAdam (tests/test_optimizer.py),
+    On a GPU torch's fused AdamW: the same update as FusedAdam (tests/engine/test_optim.py),
     without FusedAdam's JIT build at start-up and its file lock. Except at ZeRO stage 0 in 16
     bits: there DeepSpeed keeps a flat fp32 master copy (FP16_Optimizer) only for FusedAdam,
     and any other optimizer gets the per-tensor wrapper (FP16_UnfusedOptimizer), which copies

@@ -1,9 +1,9 @@
 """Which (precision, ZeRO stage, device) combinations train correctly, checked before any work.
 
 Measured with two SGD steps (lr 1) through every DeepSpeed release line the requirements
-allow, 0.16.9 to 0.19.8 (tests/test_update_size.py repeats it for the installed version).
+allow, 0.16.9 to 0.19.8 (tests/engine/test_update_size.py repeats it for the installed version).
 ZeRO stages 1-3 train correctly in fp32, bf16 and fp16 everywhere (with the tool's GPU
-optimizer, torch's fused AdamW, too: tests/test_optimizer.py). At stage 0 DeepSpeed wraps a
+optimizer, torch's fused AdamW, too: tests/engine/test_optim.py). At stage 0 DeepSpeed wraps a
 16-bit run's optimizer in FP16_Optimizer (for FusedAdam: the tool's GPU optimizer there,
 utils/engine/optim.py) or FP16_UnfusedOptimizer (any other: the CPU Adam, on a CPU or when
 offloading), and:
