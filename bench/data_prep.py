@@ -76,6 +76,23 @@ def write_source(rows: list[dict], folder: str) -> None:
             f.writelines(json.dumps(r) + "\n" for r in part)
 
 
+def hh_data_config(args: argparse.Namespace, work: str, num_proc: int = 0):
+    """(the OPT tokenizer, a DataConfig) for `args.rows` HH-RLHF dialogues written as
+    rm-static rows under `work`, its cache there too (`args`: --dialogues, --tokenizer,
+    --rows, --max_seq_len); build the data with `build_sft_data(cfg, tokenizer, None)`."""
+    tokenizer = load_opt_tokenizer(args.tokenizer, work)
+    source = os.path.join(work, "Dahoas", "rm-static")
+    write_source(rm_static_rows(args.dialogues, args.rows, seed=0), source)
+    cfg = DataConfig(
+        data_path=[source],
+        data_split="10,0,0",
+        data_output_path=os.path.join(work, "cache"),
+        max_seq_len=args.max_seq_len,
+        data_num_proc=num_proc,
+    )
+    return tokenizer, cfg
+
+
 def one_row_at_a_time(folder: str, tokenizer, max_seq_len: int) -> int:
     """DeepSpeed-Chat step 1: read rows, then tokenise and pad each on its own."""
     examples = []
@@ -109,16 +126,7 @@ def main() -> None:
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as work:
-        tokenizer = load_opt_tokenizer(args.tokenizer, work)
-        source = os.path.join(work, "Dahoas", "rm-static")
-        write_source(rm_static_rows(args.dialogues, args.rows, seed=0), source)
-        cfg = DataConfig(
-            data_path=[source],
-            data_split="10,0,0",
-            data_output_path=os.path.join(work, "cache"),
-            max_seq_len=args.max_seq_len,
-            num_proc=args.num_proc,
-        )
+        tokenizer, cfg = hh_data_config(args, work, num_proc=args.num_proc)
 
         start = time.perf_counter()
         data = build_sft_data(cfg, tokenizer, None)
@@ -138,7 +146,7 @@ def main() -> None:
         }
         if not args.skip_baseline:
             start = time.perf_counter()
-            one_row_at_a_time(source, tokenizer, args.max_seq_len)
+            one_row_at_a_time(cfg.data_path[0], tokenizer, args.max_seq_len)
             result["one_row_at_a_time_s"] = round(time.perf_counter() - start, 2)
             result["speedup_cold"] = round(result["one_row_at_a_time_s"] / cold, 1)
         print(json.dumps(result, indent=1))

@@ -30,25 +30,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 
 import torch
 
-from bench.data_prep import load_opt_tokenizer, rm_static_rows, write_source
+from bench.data_prep import hh_data_config
 from utils.data.build import build_sft_data
-from utils.data.config import BatchConfig, DataConfig
+from utils.data.config import BatchConfig
 from utils.data.loaders import build_train_loader, choose_loader_workers, open_batches
 
 KINDS = {"padded": BatchConfig(loss_on="all"), "packed": BatchConfig(loss_on="all", packing=True)}
 
 
 def load_rows(args, work: str):
-    tokenizer = load_opt_tokenizer(args.tokenizer, work)
-    source = os.path.join(work, "Dahoas", "rm-static")
-    write_source(rm_static_rows(args.dialogues, args.rows, seed=0), source)
-    cfg = DataConfig(
-        data_path=[source],
-        data_split="10,0,0",
-        data_output_path=os.path.join(work, "cache"),
-        max_seq_len=args.max_seq_len,
-    )
-    return tokenizer.pad_token_id, build_sft_data(cfg, tokenizer).train
+    tokenizer, cfg = hh_data_config(args, work)
+    return tokenizer.pad_token_id, build_sft_data(cfg, tokenizer, None).train
 
 
 def endless(loader, stack: contextlib.ExitStack):

@@ -25,10 +25,9 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
-from bench.data_prep import load_opt_tokenizer, rm_static_rows, write_source
+from bench.data_prep import hh_data_config
 from utils.arithmetic import round_up
 from utils.data.build import build_sft_data
-from utils.data.config import DataConfig
 from utils.data.loaders import row_lengths
 from utils.data.sampler import LengthGroupedSampler
 
@@ -37,16 +36,8 @@ MULTIPLES = (8, 16, 32, 64, 128)
 
 def train_lengths(args: argparse.Namespace) -> list[int]:
     with tempfile.TemporaryDirectory() as work:
-        tokenizer = load_opt_tokenizer(args.tokenizer, work)
-        source = os.path.join(work, "Dahoas", "rm-static")
-        write_source(rm_static_rows(args.dialogues, args.rows, seed=0), source)
-        cfg = DataConfig(
-            data_path=[source],
-            data_split="10,0,0",
-            data_output_path=os.path.join(work, "cache"),
-            max_seq_len=args.max_seq_len,
-        )
-        return row_lengths(build_sft_data(cfg, tokenizer).train)
+        tokenizer, cfg = hh_data_config(args, work)
+        return row_lengths(build_sft_data(cfg, tokenizer, None).train)
 
 
 def batch_widths(lengths: list[int], micro_batch: int, epochs: int) -> list[tuple[int, int]]:
