@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from utils.data.common import IGNORE_INDEX
-from utils.model.kernels import LIGER_LOSS, import_error
 
 # Causal-LM classes whose forward computes `logits = <output embeddings>(final hidden states)`
 # and nothing more (checked in transformers' modeling code). Gemma-2 (final soft-capping),
@@ -83,18 +82,6 @@ def chunked_loss_mode(zero_stage: int) -> str:
     there its weight-sized gradient would be a whole, unpartitioned tensor held from the
     forward to the backward pass."""
     return "recompute" if zero_stage == 3 else "fused"
-
-
-def loss_kernel(device_type: str, mode: str) -> tuple[str, str]:
-    """Which kernel computes the chunked loss, and why not Liger where it could have:
-    Liger-Kernel's fused linear cross-entropy (Triton) on CUDA where it imports, in the fused
-    mode only (it computes the gradients in the forward pass, so at ZeRO-3 it would hold the
-    whole weight-sized gradient until the backward); else this module's chunks."""
-    if device_type != "cuda" or import_error(LIGER_LOSS) is not None:
-        return "torch", ""
-    if mode != "fused":
-        return "torch", "Liger-Kernel unused: it keeps a weight-sized gradient until the backward"
-    return "liger", ""
 
 
 def loss_positions(labels: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ transformers 5 builds such a mask itself from restarting position ids for some m
 (LLaMA, Qwen2, Mistral), but OPT's decoder never passes the position ids to its mask
 builder, so its examples would attend to each other. `mask_documents` hands the decoder
 this mask instead, for every model type alike; a prepared 4D mask is passed through to
-the attention layers as-is (tests/test_flex_packing.py checks every supported type).
+the attention layers as-is (tests/model/test_flex_attention.py checks every supported type).
 """
 
 from __future__ import annotations

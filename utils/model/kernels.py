@@ -1,4 +1,5 @@
-"""Whether an optional kernel package (flash-attn, Liger-Kernel) can be used on this machine.
+"""Whether an optional kernel package (flash-attn, Liger-Kernel) can be used on this machine,
+and which kernel computes the chunked loss.
 
 Asked by importing it, never with `importlib.util.find_spec`: a wheel built for another
 torch or CUDA is found but then fails to import (an undefined symbol, a missing CUDA
@@ -28,3 +29,15 @@ def import_error(module: str) -> str | None:
     except BROKEN_IMPORT as err:
         return f"{type(err).__name__}: {err}".splitlines()[0]
     return None
+
+
+def loss_kernel(device_type: str, mode: str) -> tuple[str, str]:
+    """Which kernel computes the chunked loss, and why not Liger where it could have:
+    Liger-Kernel's fused linear cross-entropy (Triton) on CUDA where it imports, in the fused
+    mode only (it computes the gradients in the forward pass, so at ZeRO-3 it would hold the
+    whole weight-sized gradient until the backward); else this module's chunks."""
+    if device_type != "cuda" or import_error(LIGER_LOSS) is not None:
+        return "torch", ""
+    if mode != "fused":
+        return "torch", "Liger-Kernel unused: it keeps a weight-sized gradient until the backward"
+    return "liger", ""

@@ -25,9 +25,9 @@ from utils.model.chunked_loss import (
     chunked_loss_mode,
     chunked_loss_problem,
     forward_chunked_nll,
-    loss_kernel,
     loss_positions,
 )
+from utils.model.kernels import loss_kernel
 
 
 @dataclass(frozen=True)
