@@ -7,7 +7,8 @@ import torch
 
 from tests.token_loss_worker import PAD, build_model, build_rows
 from utils.data.collate import collate
-from utils.model.loss import choose_loss_path, prepare_batch
+from utils.data.packing import collate_flat
+from utils.model.loss import PLAIN_FP32, choose_loss_path, prepare_batch
 
 
 def test_every_tensor_copied_to_a_gpu_is_pinned_first(monkeypatch):
@@ -32,3 +33,14 @@ def test_every_tensor_copied_to_a_gpu_is_pinned_first(monkeypatch):
     assert len(copied) == len(prepared) and all(asynchronous for _, asynchronous in copied)
     assert all(any(t is p for p in pinned) for t, _ in copied)
     assert len(pinned) == len(prepared)  # the loader's pinned tensor is not pinned again
+
+
+def test_a_flat_pack_reaches_the_device_with_its_boundaries():
+    """FlashAttention-2's packed batches carry plain ints (the longest example) beside their
+    tensors; they go to the model as they are."""
+    rows = [{"input_ids": list(range(4, 4 + n)), "loss_spans": [[1, n]]} for n in (5, 3, 7)]
+    batch = collate_flat([rows[:2], rows[2:]], loss_on="all")
+    prepared = prepare_batch(batch, PLAIN_FP32, torch.device("cpu"))
+    assert prepared["max_length_q"] == prepared["max_length_k"] == 7
+    assert prepared["cu_seq_lens_q"].tolist() == [0, 5, 8, 15]
+    assert torch.equal(prepared["input_ids"], batch["input_ids"])

@@ -141,9 +141,7 @@ def choose_loss_path(
     )
 
 
-def prepare_batch(
-    batch: dict[str, torch.Tensor], path: LossPath, device: torch.device
-) -> dict[str, torch.Tensor]:
+def prepare_batch(batch: dict, path: LossPath, device: torch.device) -> dict:
     """The batch on `device`, with what `path` needs computed on the host first: the chunked
     loss's trained positions (an index computed on a GPU would cost a host sync per call).
 
@@ -153,10 +151,15 @@ def prepare_batch(
     if path.chunked:
         batch = {**batch, "loss_positions": loss_positions(batch["labels"])}
     pin = device.type == "cuda"
-    return {
-        k: (v.pin_memory() if pin and not v.is_pinned() else v).to(device, non_blocking=True)
-        for k, v in batch.items()
-    }
+    return {k: _to_device(v, device, pin) for k, v in batch.items()}
+
+
+def _to_device(value, device: torch.device, pin: bool):
+    if not torch.is_tensor(value):  # FlashAttention-2's max lengths are plain ints
+        return value
+    if pin and not value.is_pinned():
+        value = value.pin_memory()
+    return value.to(device, non_blocking=True)
 
 
 def summed_nll(model, batch: dict[str, torch.Tensor], path: LossPath) -> torch.Tensor:
