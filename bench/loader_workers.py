@@ -74,7 +74,8 @@ def main() -> None:
                     pad_token_id=pad_id, seed=0, rank=0, world_size=1,
                     mask_dtype=torch.bfloat16,
                     workers=choose_loader_workers(workers, on_cuda=False, masked_packs=True),
-                )  # fmt: skip
+        on_gpu=False,
+    )  # fmt: skip
                 batches = endless(loader, stack)
                 next(batches)  # workers started, not timed
                 variants[kind, workers] = batches

@@ -165,6 +165,7 @@ def start_run(name: str, train_rows, args, dist, work: str) -> Run:
         pad_token_id=PAD, seed=args.seed, rank=0, world_size=1,
         mask_dtype=TORCH_DTYPES[dtype],
         workers=choose_loader_workers(None, on_cuda=on_cuda, masked_packs=batch_cfg.packing),
+        on_gpu=on_cuda,
     )  # fmt: skip
     run = Run(name, engine, loader, steps=len(loader))
     if name == "R":
@@ -309,6 +310,7 @@ def main() -> None:
         )
         # train() evaluates after every slice (not timed): a few rows keep that short.
         geometry = {"pad_token_id": PAD, "rank": 0, "world_size": 1}
+        geometry["on_gpu"] = dist.device.type == "cuda"
         eval_small = build_eval_loader(
             eval_.select(range(min(8, len(eval_)))), BatchConfig(loss_on="all"), micro_batch=args.batch,
             **geometry,

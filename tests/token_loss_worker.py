@@ -63,6 +63,7 @@ def main(out: str, mode: str, zero_stage: int, micro: int, accumulation: int) ->
     dist = init_distributed()
     dataset = Dataset.from_list(build_rows())
     geometry = {"pad_token_id": PAD, "rank": dist.rank, "world_size": dist.world_size}
+    geometry["on_gpu"] = False
     loader = build_train_loader(
         dataset,
         BatchConfig(loss_on="all"),

@@ -396,6 +396,7 @@ def test_skipping_consumed_batches_continues_the_epochs_order(tiny_tokenizer, ba
         rank=1,
         world_size=2,
         mask_dtype=torch.float32,
+        on_gpu=False,
     )
     loader.sampler.set_epoch(4)
     full = [b["input_ids"].tolist() for b in loader]

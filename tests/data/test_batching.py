@@ -28,6 +28,7 @@ def train_loader(dataset, batch_cfg, micro_batch, max_seq_len, rank=0, world_siz
         rank=rank,
         world_size=world_size,
         mask_dtype=torch.float32,
+        on_gpu=False,
     )
 
 
@@ -151,6 +152,7 @@ def test_eval_loader_covers_each_row_once_across_ranks():
             pad_token_id=PAD,
             rank=rank,
             world_size=2,
+            on_gpu=False,
         )
         for n in b["seq_lens"].tolist()
     ]

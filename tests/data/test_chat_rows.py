@@ -210,6 +210,7 @@ def test_every_assistant_turn_is_trained_once_per_epoch_and_nothing_else(demo_da
         rank=0,
         world_size=1,
         mask_dtype=torch.float32,
+        on_gpu=False,
     )
     batches = list(loader)
     if packing:  # several conversations share a row, each with all of its spans

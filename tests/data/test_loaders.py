@@ -61,6 +61,7 @@ def test_every_way_of_batching_reaches_a_spawned_worker_intact(batch, layout):
         mask_dtype=torch.float32,
         pack_layout=layout,
         workers=choose_loader_workers(2, on_cuda=False, masked_packs=False),
+        on_gpu=False,
     )
     assert loader.num_workers == 2 and loader.multiprocessing_context.get_start_method() == "spawn"
     # What spawn sends each worker, through the same pickling.

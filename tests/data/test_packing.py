@@ -113,6 +113,7 @@ def test_packing_loader_trains_every_row_once():
         rank=0,
         world_size=1,
         mask_dtype=torch.float32,
+        on_gpu=False,
     )
     lengths = sorted(n for b in loader for n in b["seq_lens"].tolist())
     assert lengths == sorted([5, 9, 4] * 5)
@@ -193,6 +194,7 @@ def test_flat_packing_loader_puts_a_micro_batch_in_one_row():
         world_size=1,
         mask_dtype=torch.float32,
         pack_layout="flat",
+        on_gpu=False,
     )
     batches = list(loader)
     assert all(b["input_ids"].shape[0] == 1 and "attention_mask" not in b for b in batches)

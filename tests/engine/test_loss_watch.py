@@ -37,7 +37,7 @@ BAD_STEP = 3
 def test_a_nan_loss_stops_the_run_naming_its_step(one_rank_group, tmp_path, dtype, zero_stage):
     dist = one_rank_group
     rows = Dataset.from_list(build_rows())
-    geometry = {"pad_token_id": PAD, "rank": 0, "world_size": 1}
+    geometry = {"pad_token_id": PAD, "rank": 0, "world_size": 1, "on_gpu": False}
     train_loader = build_train_loader(
         rows, BatchConfig(loss_on="all"), micro_batch=1, max_seq_len=64, seed=0,
         mask_dtype=torch.float32, **geometry,

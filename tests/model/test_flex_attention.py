@@ -147,6 +147,7 @@ def test_flex_batches_carry_position_ids_and_no_mask():
         world_size=1,
         mask_dtype=torch.float32,
         pack_layout=pack_layout("flex_attention"),
+        on_gpu=False,
     )
     batches = list(loader)
     assert all("attention_mask" not in b and "position_ids" in b for b in batches)

@@ -183,6 +183,7 @@ def test_packing_steps_count_packs_not_rows():
         rank=0,
         world_size=1,
         mask_dtype=torch.float32,
+        on_gpu=False,
     )
     plan = cli.build_step_plan(parse_args(["--model_name_or_path", "m"]), loader)
     assert plan.micro_batches_per_epoch == 5 and plan.total_steps == 5

@@ -78,7 +78,7 @@ def test_the_loop_trains_and_evaluates_with_the_chunked_loss_and_logs_the_plain_
     evaluation equal the plain loss of the same batches within fp32 rounding."""
     dist = one_rank_group
     dataset = Dataset.from_list(build_rows())
-    geometry = {"pad_token_id": PAD, "rank": 0, "world_size": 1}
+    geometry = {"pad_token_id": PAD, "rank": 0, "world_size": 1, "on_gpu": False}
     train_loader = build_train_loader(
         dataset, BatchConfig(loss_on="all"), micro_batch=4, max_seq_len=64, seed=0,
         mask_dtype=torch.float32, **geometry,

@@ -164,7 +164,7 @@ def build_train_loader(
     mask_dtype: torch.dtype,
     pack_layout: str = "mask",
     workers: LoaderWorkers = NO_WORKERS,
-    on_gpu: bool = False,
+    on_gpu: bool,
 ) -> DataLoader:
     """Micro-batches for this rank; `loader.sampler.set_epoch(e)` gives a new order per epoch.
 
@@ -231,13 +231,13 @@ def build_eval_loader(
     pad_token_id: int,
     rank: int,
     world_size: int,
-    on_gpu: bool = False,
+    on_gpu: bool,
 ) -> DataLoader:
     """Every eval row on exactly one rank (rank r takes rows r, r+W, ...): no padded duplicates.
 
     Rows go in length order (order does not change an evaluation), so batches carry little
     padding. The loss covers the tokens training's loss covers (`batch.loss_on`). `on_gpu`:
-    widths rounded to a GPU's `pad_multiple`, as training's.
+    widths rounded to a GPU's `pad_multiple`, as training's, and batches in pinned memory.
     """
     shard = list(range(rank, len(dataset), world_size))
     lengths = row_lengths(dataset)
@@ -250,4 +250,5 @@ def build_eval_loader(
         collate_fn=partial(
             collate, pad_token_id=pad_token_id, loss_on=batch.loss_on, multiple=pad_multiple(on_gpu)
         ),
+        pin_memory=on_gpu,
     )

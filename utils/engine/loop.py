@@ -111,7 +111,7 @@ def train_epoch(
     with open_batches(loop.train_loader) as batches:
         for window in accumulation_windows(batches, cfg.gradient_accumulation_steps, device):
             # A signal during the last step (the window's all-reduce brought it).
-            if loop.checkpointer.stop_for(window.stop, engine, position):
+            if stop_for(loop, window.stop, position):
                 return True
             step_nll = train_step(loop, window, cfg.loss_averaging)
             position = progress.advance(len(window.batches))
@@ -120,7 +120,15 @@ def train_epoch(
             if engine.global_steps >= loop.plan.total_steps:
                 break
     # A signal during the epoch's last step: checkpoint before its evaluation.
-    return loop.checkpointer.stop_for(stop_requested(device), engine, position)
+    return stop_for(loop, stop_requested(device), position)
+
+
+def stop_for(loop: TrainLoop, signal: str | None, position: DataPosition) -> bool:
+    """On a stop signal (the same answer on every rank), checkpoint where training stands,
+    unless a NaN/inf loss has spoiled it (that stops the run instead); True: stop now."""
+    if signal:
+        loop.watch.check(loop.dist.device)
+    return loop.checkpointer.stop_for(signal, loop.engine, position)
 
 
 def train_step(loop: TrainLoop, window: Window, loss_averaging: str) -> torch.Tensor:
