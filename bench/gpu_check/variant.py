@@ -8,8 +8,8 @@ variant's flags, then the tool's own train step (utils/engine/loop.py's `train_s
 Warm-up: one step on a micro-batch of every width the timed steps will see (read from the
 loader's own batches first), and at least MIN_WARMUP steps (the optimizer's states and
 DeepSpeed's buffers are created by the first steps). Then `--steps` timed steps drawn from
-the loader as main.py draws them (worker processes and pinned memory on a GPU), each ended by
-a device synchronisation, so each step has its own time. Per step: wall time, data wait
+the loader main.py builds (pinned memory on a GPU, worker processes where it uses them),
+each ended by a device synchronisation, so each step has its own time. Per step: wall time, data wait
 (host clock) and forward, backward and optimizer-step times (`Phases`). `--profile_steps`
 more steps then run under torch.profiler. The result JSON is written before the profile, so
 a failing profile loses nothing else.
@@ -75,7 +75,8 @@ def measure(args: argparse.Namespace) -> None:
         train_step(loop, window, averaging)
     _synchronize(loop.dist.device)
     print(f"warm-up: {len(warm)} steps over {len(widths(ahead))} widths", flush=True)
-    # The epoch's start (the loader's workers resuming) is not a step's cost: drawn first.
+    # The epoch's start (worker processes starting, where there are any) is not a step's
+    # cost: drawn first.
     windows = windows_of_epoch(loop, 0, timed)
     steps = time_steps(loop, chain([next(windows)], windows), averaging, phases)
     result = summarize(loop, cfg, setup, steps, warm, ahead)

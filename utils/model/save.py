@@ -220,10 +220,7 @@ def _check_room(output_dir: str, needed: int, advice: str) -> None:
 def _no_room(output_dir: str, needed: int, advice: str) -> str:
     return (
         f"no room for the model in --output_dir {output_dir}: its weights need about "
-        f"{_gb(needed + SPARE_BYTES)} and the file system has {_gb(free_bytes(output_dir))} "
-        f"free. {advice + ' ' if advice else ''}Free space there or choose another --output_dir."
+        f"{human_bytes(room_for(needed))} with the file system's overhead, and it has "
+        f"{human_bytes(free_bytes(output_dir))} free. {advice + ' ' if advice else ''}Free "
+        "space there or choose another --output_dir."
     )
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
