@@ -36,4 +36,5 @@ def plan_inputs(cfg: Config, setup: RunSetup) -> PlanInputs:
         seq_len=cfg.data.max_seq_len,
         checkpointing=cfg.model.gradient_checkpointing,
         loss_mode=setup.loss.kind,
+        trust_remote_code=cfg.model.trust_remote_code,
     )

@@ -20,7 +20,7 @@ from utils.model.load import (
     load_model_config,
     load_tokenizer,
     max_positions,
-    one_layer_on_meta,
+    meta_model,
     padded_vocab_size,
 )
 from utils.model.lora import adapts_output_layer
@@ -117,7 +117,7 @@ def _chunked_loss_problem(cfg: Config, config: PretrainedConfig) -> str | None:
     one-layer copy on the meta device (its output layer, and whether LoRA would wrap it)."""
     if problem := chunked_loss_config_problem(config):
         return problem
-    model = one_layer_on_meta(config, cfg.model.trust_remote_code)
+    model = meta_model(config, 1, cfg.model.trust_remote_code)
     if adapts_output_layer(model, cfg.lora):
         return f"--lora_module_name {cfg.lora.lora_module_name!r} puts LoRA on the output layer"
     return chunked_loss_problem(model)

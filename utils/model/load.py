@@ -104,11 +104,12 @@ def padded_vocab_size(tokenizer: PreTrainedTokenizerBase) -> int:
     return round_up(len(tokenizer), 8)
 
 
-def one_layer_on_meta(config: PretrainedConfig, trust_remote_code: bool) -> PreTrainedModel:
-    """The model's architecture with one decoder layer, on the meta device (no weights, no
-    memory): its module names and output layer, for what is decided before it loads."""
+def meta_model(config: PretrainedConfig, layers: int, trust_remote_code: bool) -> PreTrainedModel:
+    """The model's architecture with `layers` decoder layers, on the meta device (no weights,
+    no memory): its module names, output layer and parameter shapes, for what is decided
+    before it loads (the loss path, the memory plan)."""
     config = copy.deepcopy(config)
-    config.num_hidden_layers = 1  # attribute_map routes this to n_layer for GPT-2
+    config.num_hidden_layers = layers  # attribute_map routes this to n_layer for GPT-2
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 

@@ -35,6 +35,7 @@ class PlanInputs:
     seq_len: int  # tokens per sequence (--max_seq_len)
     checkpointing: bool  # --gradient_checkpointing
     loss_mode: str  # "plain", or the chunked loss's "fused" or "recompute"
+    trust_remote_code: bool  # the model's own code builds its shape (--trust_remote_code)
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,9 @@ def largest_fitting_model(
 
     def plan(heads: int) -> tuple[MemoryPlan, PretrainedConfig]:
         scaled = scale_config(config, heads)
-        return plan_memory(measure_shape(scaled, inputs.lora), inputs), scaled
+        return plan_memory(
+            measure_shape(scaled, inputs.lora, inputs.trust_remote_code), inputs
+        ), scaled
 
     def fits(heads: int) -> bool:
         return plan(heads)[0].total_per_gpu <= budget

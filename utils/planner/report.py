@@ -22,7 +22,7 @@ RULE_OF_THUMB_GB_PER_BILLION = 3  # README: GPU GB / 3 = billions of params (ZeR
 def estimate_memory(inputs: PlanInputs, config: PretrainedConfig) -> dict:
     """The planner's figures for a run of the model `config` describes, as the JSON summary
     line reports them."""
-    plan = plan_memory(measure_shape(config, inputs.lora), inputs)
+    plan = plan_memory(measure_shape(config, inputs.lora, inputs.trust_remote_code), inputs)
     largest = largest_fitting_model(config, inputs)
     largest_params = largest[0].params if largest else 0
     rule = inputs.planner.gpu_memory_gb / RULE_OF_THUMB_GB_PER_BILLION * 1e9

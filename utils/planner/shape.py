@@ -7,13 +7,13 @@ layers works.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 
 from utils.model.config import LoraConfig
+from utils.model.load import meta_model
 from utils.model.lora import resolve_lora_targets
 
 FFN_KEYS = ("intermediate_size", "ffn_dim", "n_inner")
@@ -42,13 +42,6 @@ def _ffn_size(config: PretrainedConfig) -> int:
     return 4 * config.hidden_size  # GPT-2 leaves n_inner unset meaning 4 * hidden
 
 
-def _meta_model(config: PretrainedConfig, layers: int) -> torch.nn.Module:
-    config = copy.deepcopy(config)
-    config.num_hidden_layers = layers  # attribute_map routes this to n_layer for GPT-2
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
 def _count(model: torch.nn.Module, lora: LoraConfig) -> tuple[int, int, int, int]:
     unique = {id(p): p.numel() for p in model.parameters()}
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
@@ -62,11 +55,13 @@ def _count(model: torch.nn.Module, lora: LoraConfig) -> tuple[int, int, int, int
     return sum(unique.values()), largest, lora_params, targets
 
 
-def measure_shape(config: PretrainedConfig, lora: LoraConfig) -> ModelShape:
+def measure_shape(
+    config: PretrainedConfig, lora: LoraConfig, trust_remote_code: bool = False
+) -> ModelShape:
     """Counts for the full depth from a 1- and a 2-layer meta model (layers are uniform)."""
-    one_layer = _meta_model(config, 1)
+    one_layer = meta_model(config, 1, trust_remote_code)
     one = _count(one_layer, lora)
-    two = _count(_meta_model(config, 2), lora)
+    two = _count(meta_model(config, 2, trust_remote_code), lora)
     layers = config.num_hidden_layers
     per_layer = [b - a for a, b in zip(one, two, strict=True)]
     total, _, lora_params, _ = (a + (layers - 1) * d for a, d in zip(one, per_layer, strict=True))
