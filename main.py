@@ -32,7 +32,6 @@ from utils.data.build import build_sft_data
 from utils.data.common import SFTData
 from utils.data.labels import check_trained_tokens
 from utils.data.loaders import build_eval_loader, build_train_loader
-from utils.data.packing import pack_layout
 from utils.distributed import (
     DistInfo,
     init_distributed,
@@ -113,7 +112,7 @@ def build_loaders(cfg: Config, data: SFTData, setup: RunSetup, dist: DistInfo):
         max_seq_len=cfg.data.max_seq_len,
         seed=cfg.data.seed,
         mask_dtype=TORCH_DTYPES[setup.engine.dtype],
-        pack_layout=pack_layout(setup.attention),
+        pack_layout=setup.pack_layout,
         workers=setup.loader,
         **geometry,
     )
@@ -146,7 +145,7 @@ def recorded_settings(cfg: Config, data: SFTData, setup: RunSetup) -> dict:
 
 def load_model(cfg: Config, setup: RunSetup, on_meta: bool = False):
     """The model to train, with the attention start-up resolved and LoRA if asked; `on_meta`:
-    its architecture only, no weights read (a dry run)."""
+    its architecture only, no weights read (a dry run, or vetting a checkpoint's model)."""
     model = build_model(
         cfg.model,
         setup.model_config,

@@ -40,7 +40,7 @@ def peak_work_bytes(source: str, cache_dir: str, tokenizer) -> int:
     cache.fsync_tree = measured
     try:
         cfg = DataConfig(data_path=[source], data_split="10,0,0", data_output_path=cache_dir)
-        build_sft_data(cfg, tokenizer)
+        build_sft_data(cfg, tokenizer, None)
     finally:
         cache.fsync_tree = flush
     return seen[0]

@@ -76,13 +76,13 @@ def write_source(rows: list[dict], folder: str) -> None:
             f.writelines(json.dumps(r) + "\n" for r in part)
 
 
-def hh_data_config(args: argparse.Namespace, work: str, num_proc: int = 0):
+def hh_data_config(args: argparse.Namespace, work: str, num_proc: int = 0, seed: int = 0):
     """(the OPT tokenizer, a DataConfig) for `args.rows` HH-RLHF dialogues written as
     rm-static rows under `work`, its cache there too (`args`: --dialogues, --tokenizer,
     --rows, --max_seq_len); build the data with `build_sft_data(cfg, tokenizer, None)`."""
     tokenizer = load_opt_tokenizer(args.tokenizer, work)
     source = os.path.join(work, "Dahoas", "rm-static")
-    write_source(rm_static_rows(args.dialogues, args.rows, seed=0), source)
+    write_source(rm_static_rows(args.dialogues, args.rows, seed=seed), source)
     cfg = DataConfig(
         data_path=[source],
         data_split="10,0,0",

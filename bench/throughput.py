@@ -50,12 +50,12 @@ import torch
 from transformers import OPTConfig, OPTForCausalLM
 
 import utils.engine.loop as loop_module
-from bench.data_prep import load_opt_tokenizer, rm_static_rows, write_source
+from bench.data_prep import hh_data_config
 from utils.checkpoint.checkpointer import build_checkpointer
 from utils.checkpoint.config import CheckpointConfig
 from utils.checkpoint.position import DataPosition
 from utils.data.build import build_sft_data
-from utils.data.config import BatchConfig, DataConfig
+from utils.data.config import BatchConfig
 from utils.data.loaders import build_eval_loader, build_train_loader, choose_loader_workers
 from utils.distributed import init_distributed
 from utils.engine.accumulation import StepPlan
@@ -254,15 +254,7 @@ def loop_steps(run: Run, steps: int, args, dist, eval_small) -> tuple[float, flo
 
 
 def load_data(args, work: str):
-    tokenizer = load_opt_tokenizer(args.tokenizer, work)
-    source = os.path.join(work, "Dahoas", "rm-static")
-    write_source(rm_static_rows(args.dialogues, args.rows, seed=args.seed), source)
-    cfg = DataConfig(
-        data_path=[source],
-        data_split="10,0,0",
-        data_output_path=os.path.join(work, "cache"),
-        max_seq_len=args.max_seq_len,
-    )
+    tokenizer, cfg = hh_data_config(args, work, seed=args.seed)
     return tokenizer, build_sft_data(cfg, tokenizer, None)
 
 

@@ -96,6 +96,7 @@ def summary_setup(
         engine=EngineSetup(config=ds_config, dtype_reason=dtype_reason),
         attention=None,
         attention_reason="",
+        pack_layout="mask",
         loss=loss or PLAIN_FP32,
         model_config=None,
         tokenizer=None,

@@ -2,10 +2,11 @@
 
 The flags (utils/config.py) say what the user asked for; a RunSetup says what the run does
 with it: the merged DeepSpeed config (a --deepspeed_config may override any flag), the
-attention and loss paths with the reasons the summary prints, the model's config, tokenizer
-and chat template as loaded (each once), and the size of the process group. The builders,
-the summary, the memory planner, the out-of-memory advice and the checkpoints read these,
-never the flags they came from, so no report can disagree with what trains.
+attention and loss paths with the reasons the summary prints, how packed rows are laid out
+and who collates them, the model's config, tokenizer and chat template as loaded (each
+once), and the size of the process group. The builders, the summary, the memory planner, the
+out-of-memory advice and the checkpoints read what start-up decided from here, never derive
+it again from the flags, so no report can disagree with what trains.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class RunSetup:
     engine: EngineSetup  # the merged DeepSpeed config: ZeRO stage, precision, offload
     attention: str | None  # --attn_implementation resolved; None: transformers' default
     attention_reason: str
+    pack_layout: str  # how --packing lays rows out for that attention (utils/data/packing.py)
     loss: LossPath  # plain or chunked, decided from the model's config before it loads
     model_config: PretrainedConfig  # as loaded, --dropout applied
     tokenizer: PreTrainedTokenizerBase | None  # None: --estimate_memory reads no files

@@ -10,8 +10,6 @@ import tarfile
 
 from utils.files import atomic_path, write_atomically
 
-OUTPUT_FILES = ("summary.md", "results.json", "logs.tar.gz")
-
 
 def write_outputs(out: str, results: dict, logs: str) -> None:
     write_atomically(os.path.join(out, "results.json"), json.dumps(results, indent=1) + "\n")

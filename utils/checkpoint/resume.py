@@ -1,9 +1,9 @@
 """Continuing a checkpoint: vet it, convert it when the run's shape changed, load it.
 
 The order of a resume (utils/checkpoint/checkpointer.py drives it):
-1. before the model loads (checkpoint_checks.py): the folder is the user's own
-   (checkpoint_trust.py), run_state.json parses, the model (built on the meta device) and
-   the settings (run_settings.py) match, every file is there and whole;
+1. before the model loads (checks.py): the folder is the user's own (trust.py),
+   run_state.json parses, the model (built on the meta device) and the settings
+   (settings.py) match, every file is there and whole;
 2. with the model, before the engine: the parameters match; when the world size or ZeRO
    stage changed, rank 0 converts the checkpoint once into DeepSpeed's universal format
    (utils/checkpoint/universal.py) while the other ranks wait, and the engine is built to load it;

@@ -97,10 +97,12 @@ def resolve_loss(
     # The output layer's rows: the tokenizer's padded vocabulary once the embeddings are
     # resized to it (the config's where no tokenizer is read: --estimate_memory).
     vocab = padded_vocab_size(files.tokenizer) if files.tokenizer else config.vocab_size
+    # Where the flags alone decide (off, or --compile), no model is built to ask.
+    asks_model = model.chunked_loss != "off" and not model.compile
     try:
         loss = decide_loss_path(
             model.chunked_loss,
-            _chunked_loss_problem(cfg, config),
+            _chunked_loss_problem(cfg, config) if asks_model else None,
             zero_stage=engine.zero_stage,
             device_type=device_type,
             fp32=model.compute_fp32_loss,

@@ -61,16 +61,18 @@ def validate(cfg: Config, dist: DistInfo) -> RunSetup:
     if problems:
         raise ConfigError(format_problems(problems))
     # No problem: every piece above was resolved.
+    layout = pack_layout(attention)
     return RunSetup(
         engine=engine,
         attention=attention,
         attention_reason=attention_reason,
+        pack_layout=layout,
         loss=loss,
         model_config=files.config,
         tokenizer=files.tokenizer,
         template=files.template,
         world_size=dist.world_size,
-        loader=_resolve_loader(cfg, attention, on_cuda),
+        loader=_resolve_loader(cfg, layout, on_cuda),
     )
 
 
@@ -95,10 +97,10 @@ def _resolve_attention(
     return attention, why, problems
 
 
-def _resolve_loader(cfg: Config, attention: str | None, on_cuda: bool) -> LoaderWorkers:
-    """Who collates the training batches: packs that carry an attention mask are the costly
-    ones (the layout follows the attention the run resolved)."""
-    masked_packs = cfg.batch.packing and pack_layout(attention) == "mask"
+def _resolve_loader(cfg: Config, layout: str, on_cuda: bool) -> LoaderWorkers:
+    """Who collates the training batches: packs that carry an attention mask (`layout`, from
+    the attention the run resolved) are the costly ones."""
+    masked_packs = cfg.batch.packing and layout == "mask"
     return choose_loader_workers(
         cfg.batch.dataloader_num_workers, on_cuda=on_cuda, masked_packs=masked_packs
     )

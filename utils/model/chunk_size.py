@@ -1,6 +1,6 @@
 """How many positions a chunk of the chunked loss holds (utils/model/chunked_loss.py).
 
-One rule for the run (utils/model/loss.py `choose_loss_path`, from the GPU's memory as torch
+One rule for the run (utils/model/loss.py `decide_loss_path`, from the GPU's memory as torch
 reports it at run time) and the memory planner (from --gpu_memory_gb).
 """
 
